@@ -1,0 +1,185 @@
+//! HTTP API: identity, health and metrics.
+//!
+//! The API never touches the swarm: it reads the event loop's published [`Snapshot`]
+//! and the shared metrics registry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::defaults;
+use crate::event_loop::Snapshot;
+
+#[derive(Clone)]
+struct AppState {
+    snapshot: watch::Receiver<Snapshot>,
+    registry: Arc<Registry>,
+}
+
+/// Body of `GET /api/v1/identity` (SPEC §1).
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct IdentityResponse {
+    pub peer_id: String,
+    pub addresses: Vec<String>,
+    pub protocol_version: String,
+    pub agent_version: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    path: String,
+}
+
+pub fn router(snapshot: watch::Receiver<Snapshot>, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/api/v1/identity", get(identity))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(RequestBodyLimitLayer::new(defaults::HTTP_MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            defaults::HTTP_REQUEST_TIMEOUT,
+        ))
+        .with_state(AppState { snapshot, registry })
+}
+
+async fn identity(State(state): State<AppState>) -> Json<IdentityResponse> {
+    let snap = state.snapshot.borrow().clone();
+    Json(IdentityResponse {
+        peer_id: snap.peer_id.to_string(),
+        addresses: snap.addresses.iter().map(ToString::to_string).collect(),
+        protocol_version: defaults::PROTOCOL_VERSION.to_owned(),
+        agent_version: defaults::AGENT_VERSION.to_owned(),
+    })
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.snapshot.borrow().listening {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no QUIC listener\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        tracing::error!("encoding metrics: {e}");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    let body = ErrorBody {
+        error: "not found",
+        path: uri.path().to_owned(),
+    };
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+async fn method_not_allowed(uri: Uri) -> Response {
+    let body = ErrorBody {
+        error: "method not allowed",
+        path: uri.path().to_owned(),
+    };
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "GET, HEAD")],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// Serve `app` on `listener` until `shutdown` becomes true, then give in-flight
+/// requests [`defaults::SHUTDOWN_GRACE`] to finish.
+///
+/// Hardened against slow and greedy clients: the request head must arrive within
+/// [`defaults::HTTP_HEADER_TIMEOUT`], at most [`defaults::HTTP_MAX_CONNECTIONS`] are
+/// served at once (shared by all listeners through `permits`), and request heads are
+/// capped at 16 KiB.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            _ = stopped(&mut shutdown) => break,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (stream, remote): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(defaults::HTTP_HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%remote, "HTTP connection: {e}");
+                    }
+                    return;
+                }
+                _ = stopped(&mut shutdown) => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(defaults::SHUTDOWN_GRACE, drain)
+        .await
+        .is_err()
+    {
+        tracing::debug!("HTTP connections still open after the grace period; closing them");
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // Drop the borrow at once: holding it across an await would make the future !Send.
+    let _ = rx.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,86 @@
+//! The relay's libp2p behaviours, built from a validated [`Config`].
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{connection_limits, identify, kad, ping, relay};
+
+use crate::config::Config;
+use crate::defaults;
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    // First, so connections over the limits are denied before other behaviours see them.
+    pub limits: connection_limits::Behaviour,
+    pub relay: relay::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+}
+
+impl Behaviour {
+    pub fn new(key: &Keypair, config: &Config) -> Self {
+        let peer_id = key.public().to_peer_id();
+
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(config.max_connections)
+                .with_max_established_per_peer(config.max_connections_per_peer)
+                .with_max_pending_incoming(Some(defaults::MAX_PENDING_INCOMING)),
+        );
+
+        let l = &config.relay;
+        // Start from libp2p's defaults to keep its per-peer and per-IP rate limiters
+        // (reservations: 30 per peer per 2 min, 60 per IP per min; circuits: the same per
+        // source), then lift the size limits to what real syncs need.
+        let relay_config = relay::Config {
+            max_reservations: l.max_reservations,
+            max_reservations_per_peer: l.max_reservations_per_peer,
+            reservation_duration: l.reservation_duration,
+            max_circuits: l.max_circuits,
+            max_circuits_per_peer: l.max_circuits_per_peer,
+            max_circuit_duration: l.max_circuit_duration,
+            max_circuit_bytes: l.max_circuit_bytes,
+            ..Default::default()
+        };
+
+        let mut kad_config = kad::Config::new(config.kad_protocol.clone());
+        kad_config.set_query_timeout(defaults::KAD_QUERY_TIMEOUT);
+        // Clients re-publish their records every 30 s, so the relay re-replicating
+        // everything it holds every hour would only dial departed peers.
+        kad_config.set_replication_interval(None);
+        kad_config.set_publication_interval(None);
+        // The event loop bootstraps on its own timer, and only when there are
+        // `--bootstrap` relays: a lone relay has nobody to bootstrap from.
+        kad_config.set_periodic_bootstrap_interval(None);
+        let store = MemoryStore::with_config(
+            peer_id,
+            MemoryStoreConfig {
+                max_records: config.kad_max_records,
+                max_value_bytes: config.kad_max_value_bytes,
+                ..Default::default()
+            },
+        );
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(defaults::PROTOCOL_VERSION.to_owned(), key.public())
+                .with_agent_version(defaults::AGENT_VERSION.to_owned())
+                .with_push_listen_addr_updates(true),
+        );
+
+        // js-libp2p's DHT only keeps peers that answer ping.
+        let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(30)));
+
+        Self {
+            limits,
+            relay: relay::Behaviour::new(peer_id, relay_config),
+            kad,
+            identify,
+            ping,
+        }
+    }
+}

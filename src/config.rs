@@ -1,0 +1,386 @@
+//! Command line and the validated relay configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, multiaddr::Protocol};
+
+use crate::defaults;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "privstack-relay",
+    version,
+    long_version = crate::build_info::LONG_VERSION,
+    about = "Stateless libp2p circuit relay and Kademlia bootstrap node for PrivStack clients",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the identity key if it does not exist and print the peer ID.
+    Keygen(KeygenArgs),
+    /// Check a relay from the outside: identity API, QUIC dial, identify, reservation.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Path of the ED25519 identity key file.
+    #[arg(long, env = "PRIVSTACK_RELAY_IDENTITY", default_value = defaults::IDENTITY_FILE)]
+    pub identity: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Relay to check: its identity API URL (`http://host:4002`) or a QUIC multiaddr
+    /// ending in `/p2p/<peer id>`.
+    pub target: String,
+
+    /// Seconds allowed for each step.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+
+    /// Skip taking a relay reservation.
+    #[arg(long)]
+    pub no_reservation: bool,
+
+    /// Debug-level logging.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// UDP port for QUIC v1 on 0.0.0.0 and :: (0 picks a free port).
+    #[arg(long, env = "PRIVSTACK_RELAY_PORT", default_value_t = defaults::PORT)]
+    pub port: u16,
+
+    /// TCP port of the HTTP API on 0.0.0.0 and :: (0 picks a free port).
+    #[arg(long, env = "PRIVSTACK_RELAY_HTTP_PORT", default_value_t = defaults::HTTP_PORT)]
+    pub http_port: u16,
+
+    /// Path of the ED25519 identity key file (created on first run).
+    #[arg(long, env = "PRIVSTACK_RELAY_IDENTITY", default_value = defaults::IDENTITY_FILE)]
+    pub identity: PathBuf,
+
+    /// Debug-level logging (RUST_LOG overrides).
+    #[arg(short, long, env = "PRIVSTACK_RELAY_VERBOSE")]
+    pub verbose: bool,
+
+    /// Publicly dialable address of this relay, e.g. /ip4/203.0.113.7/udp/4001/quic-v1
+    /// (repeatable; comma-separated in the env var). Announced via identify, put in
+    /// reservations, listed first by the identity API.
+    #[arg(
+        long = "external-address",
+        env = "PRIVSTACK_RELAY_EXTERNAL_ADDRESS",
+        value_delimiter = ','
+    )]
+    pub external_addresses: Vec<Multiaddr>,
+
+    /// Another relay to join into one DHT, as a multiaddr ending in /p2p/<peer id>
+    /// (repeatable; comma-separated in the env var).
+    #[arg(
+        long = "bootstrap",
+        env = "PRIVSTACK_RELAY_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// Kademlia protocol name.
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_PROTOCOL", default_value = defaults::KAD_PROTOCOL)]
+    pub kad_protocol: String,
+
+    /// Kademlia records (sync groups) held in memory.
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_RECORDS", default_value_t = defaults::KAD_MAX_RECORDS)]
+    pub kad_max_records: usize,
+
+    /// Largest Kademlia record value accepted, in bytes.
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_VALUE_BYTES", default_value_t = defaults::KAD_MAX_VALUE_BYTES)]
+    pub kad_max_value_bytes: usize,
+
+    /// Relay reservations held at once (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RESERVATIONS", default_value_t = defaults::MAX_RESERVATIONS)]
+    pub max_reservations: usize,
+
+    /// Relay reservations per peer (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RESERVATIONS_PER_PEER", default_value_t = defaults::MAX_RESERVATIONS_PER_PEER)]
+    pub max_reservations_per_peer: usize,
+
+    /// Lifetime of a reservation in seconds (clients renew it).
+    #[arg(long, env = "PRIVSTACK_RELAY_RESERVATION_DURATION_SECS", default_value_t = defaults::RESERVATION_DURATION_SECS)]
+    pub reservation_duration_secs: u64,
+
+    /// Relay circuits open at once (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUITS", default_value_t = defaults::MAX_CIRCUITS)]
+    pub max_circuits: usize,
+
+    /// Relay circuits per peer (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUITS_PER_PEER", default_value_t = defaults::MAX_CIRCUITS_PER_PEER)]
+    pub max_circuits_per_peer: usize,
+
+    /// Lifetime of a circuit in seconds (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_DURATION_SECS", default_value_t = defaults::MAX_CIRCUIT_DURATION_SECS)]
+    pub max_circuit_duration_secs: u64,
+
+    /// Bytes a circuit may carry, both directions together (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_BYTES", default_value_t = defaults::MAX_CIRCUIT_BYTES)]
+    pub max_circuit_bytes: u64,
+
+    /// Established connections in total (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: u32,
+
+    /// Established connections per peer (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS_PER_PEER", default_value_t = defaults::MAX_CONNECTIONS_PER_PEER)]
+    pub max_connections_per_peer: u32,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        let cli = Cli::parse_from(["privstack-relay"]);
+        cli.run
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--external-address {addr}: {reason}")]
+    ExternalAddress {
+        addr: Multiaddr,
+        reason: &'static str,
+    },
+    #[error("--bootstrap {addr}: {reason}")]
+    Bootstrap {
+        addr: Multiaddr,
+        reason: &'static str,
+    },
+    #[error("--kad-protocol {0:?}: a protocol name must start with '/'")]
+    KadProtocol(String),
+    #[error("--{flag} must be greater than 0")]
+    Zero { flag: &'static str },
+    #[error("--{flag} {value} is too large (at most {max})")]
+    TooLarge {
+        flag: &'static str,
+        value: u64,
+        max: u64,
+    },
+}
+
+/// A validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub http_port: u16,
+    pub external_addresses: Vec<Multiaddr>,
+    pub bootstrap: Vec<(PeerId, Multiaddr)>,
+    pub kad_protocol: StreamProtocol,
+    pub kad_max_records: usize,
+    pub kad_max_value_bytes: usize,
+    pub relay: RelayLimits,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_peer: Option<u32>,
+    pub stats_log_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    pub max_reservations: usize,
+    pub max_reservations_per_peer: usize,
+    pub reservation_duration: Duration,
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    pub max_circuit_duration: Duration,
+    pub max_circuit_bytes: u64,
+}
+
+fn unlimited_usize(v: usize) -> usize {
+    if v == 0 { usize::MAX } else { v }
+}
+
+fn unlimited_u32(v: u32) -> Option<u32> {
+    (v != 0).then_some(v)
+}
+
+impl TryFrom<&RunArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: &RunArgs) -> Result<Self, ConfigError> {
+        let mut external_addresses = Vec::new();
+        for addr in &a.external_addresses {
+            let mut iter = addr.iter();
+            let ip_ok = matches!(
+                iter.next(),
+                Some(
+                    Protocol::Ip4(_)
+                        | Protocol::Ip6(_)
+                        | Protocol::Dns(_)
+                        | Protocol::Dns4(_)
+                        | Protocol::Dns6(_)
+                )
+            );
+            let transport_ok = matches!(iter.next(), Some(Protocol::Udp(_)))
+                && matches!(iter.next(), Some(Protocol::QuicV1));
+            if !ip_ok || !transport_ok {
+                return Err(ConfigError::ExternalAddress {
+                    addr: addr.clone(),
+                    reason: "expected /ip4|ip6|dns/<host>/udp/<port>/quic-v1",
+                });
+            }
+            let addr: Multiaddr = addr
+                .iter()
+                .filter(|p| !matches!(p, Protocol::P2p(_)))
+                .collect();
+            if !external_addresses.contains(&addr) {
+                external_addresses.push(addr);
+            }
+        }
+
+        let mut bootstrap = Vec::new();
+        for addr in &a.bootstrap {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                return Err(ConfigError::Bootstrap {
+                    addr: addr.clone(),
+                    reason: "must end with /p2p/<peer id>",
+                });
+            };
+            let mut dial = addr.clone();
+            dial.pop();
+            if dial.is_empty() {
+                return Err(ConfigError::Bootstrap {
+                    addr: addr.clone(),
+                    reason: "has no transport address before /p2p/",
+                });
+            }
+            bootstrap.push((peer, dial));
+        }
+
+        let kad_protocol = StreamProtocol::try_from_owned(a.kad_protocol.clone())
+            .map_err(|_| ConfigError::KadProtocol(a.kad_protocol.clone()))?;
+
+        if a.kad_max_records == 0 {
+            return Err(ConfigError::Zero {
+                flag: "kad-max-records",
+            });
+        }
+        if a.kad_max_value_bytes == 0 {
+            return Err(ConfigError::Zero {
+                flag: "kad-max-value-bytes",
+            });
+        }
+        if a.reservation_duration_secs == 0 {
+            return Err(ConfigError::Zero {
+                flag: "reservation-duration-secs",
+            });
+        }
+        // libp2p's relay sends both durations as u32 seconds.
+        let max = u64::from(u32::MAX);
+        for (flag, value) in [
+            ("reservation-duration-secs", a.reservation_duration_secs),
+            ("max-circuit-duration-secs", a.max_circuit_duration_secs),
+        ] {
+            if value > max {
+                return Err(ConfigError::TooLarge { flag, value, max });
+            }
+        }
+        let circuit_secs = if a.max_circuit_duration_secs == 0 {
+            max
+        } else {
+            a.max_circuit_duration_secs
+        };
+
+        Ok(Config {
+            port: a.port,
+            http_port: a.http_port,
+            external_addresses,
+            bootstrap,
+            kad_protocol,
+            kad_max_records: a.kad_max_records,
+            kad_max_value_bytes: a.kad_max_value_bytes,
+            relay: RelayLimits {
+                max_reservations: unlimited_usize(a.max_reservations),
+                max_reservations_per_peer: unlimited_usize(a.max_reservations_per_peer),
+                reservation_duration: Duration::from_secs(a.reservation_duration_secs),
+                max_circuits: unlimited_usize(a.max_circuits),
+                max_circuits_per_peer: unlimited_usize(a.max_circuits_per_peer),
+                max_circuit_duration: Duration::from_secs(circuit_secs),
+                max_circuit_bytes: a.max_circuit_bytes,
+            },
+            max_connections: unlimited_u32(a.max_connections),
+            max_connections_per_peer: unlimited_u32(a.max_connections_per_peer),
+            stats_log_interval: defaults::STATS_LOG_INTERVAL,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut full = vec!["privstack-relay"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        Config::try_from(&cli.run).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 4001);
+        assert_eq!(c.http_port, 4002);
+        assert_eq!(c.kad_protocol.as_ref(), "/ipfs/kad/1.0.0");
+        assert!(c.kad_max_records >= 50_000);
+        assert!(c.relay.max_circuit_bytes >= 2 * 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn original_command_line_still_parses() {
+        let c = parse(&["--port", "4100", "--identity", "/tmp/k", "-v"]).unwrap();
+        assert_eq!(c.port, 4100);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--external-address", "/ip4/1.2.3.4/tcp/1"]).unwrap_err();
+        assert!(e.contains("--external-address /ip4/1.2.3.4/tcp/1"), "{e}");
+        let e = parse(&["--bootstrap", "/ip4/1.2.3.4/udp/1/quic-v1"]).unwrap_err();
+        assert!(e.contains("--bootstrap"), "{e}");
+        let e = parse(&["--kad-protocol", "kad"]).unwrap_err();
+        assert!(e.contains("--kad-protocol"), "{e}");
+        let e = parse(&["--reservation-duration-secs", "0"]).unwrap_err();
+        assert!(e.contains("--reservation-duration-secs"), "{e}");
+        let e = parse(&["--port", "70000"]).unwrap_err();
+        assert!(e.contains("--port"), "{e}");
+    }
+
+    #[test]
+    fn zero_means_unlimited() {
+        let c = parse(&[
+            "--max-circuit-bytes",
+            "0",
+            "--max-circuit-duration-secs",
+            "0",
+            "--max-reservations",
+            "0",
+            "--max-connections",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.relay.max_circuit_bytes, 0);
+        assert_eq!(
+            c.relay.max_circuit_duration,
+            Duration::from_secs(u32::MAX.into())
+        );
+        assert_eq!(c.relay.max_reservations, usize::MAX);
+        assert_eq!(c.max_connections, None);
+    }
+}

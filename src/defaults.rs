@@ -1,0 +1,113 @@
+//! Every default the relay ships with, each with the reason it has this value.
+//!
+//! The command line (`config.rs`) and the README quote these; change them here.
+
+use std::time::Duration;
+
+/// UDP port for QUIC v1. PrivStack clients dial `/udp/4001/quic-v1` (SPEC §3).
+pub const PORT: u16 = 4001;
+
+/// TCP port of the HTTP identity API (SPEC §1).
+pub const HTTP_PORT: u16 = 4002;
+
+/// Identity key file, relative to the working directory, as the original relay used.
+pub const IDENTITY_FILE: &str = "relay-identity.key";
+
+/// identify protocol version; clients match on it.
+pub const PROTOCOL_VERSION: &str = "/privstack/relay/1.0.0";
+
+/// identify agent version: `privstack-relay/<crate version>`.
+pub const AGENT_VERSION: &str = concat!("privstack-relay/", env!("CARGO_PKG_VERSION"));
+
+/// Kademlia protocol name: rust-libp2p's and IPFS's default, which PrivStack clients use.
+pub const KAD_PROTOCOL: &str = "/ipfs/kad/1.0.0";
+
+/// Kademlia query timeout (SPEC §1).
+pub const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Records held in memory. One record is one sync group; the original's 1,024 (the
+/// `MemoryStore` default) filled up on a busy relay. 65,536 holds more than the 50,000
+/// sync groups the relay is sized for, and with `KAD_MAX_VALUE_BYTES` bounds the store
+/// at about 290 MiB in the worst case (typical records are ~300 bytes: ~25 MiB).
+pub const KAD_MAX_RECORDS: usize = 65_536;
+
+/// Largest record value accepted. A PrivStack record is JSON
+/// `{"device_name","addresses","timestamp"}`: under 1.5 KiB even with a dozen addresses,
+/// so 4 KiB covers it with room while keeping the worst-case store small.
+pub const KAD_MAX_VALUE_BYTES: usize = 4 * 1024;
+
+/// How often the relay re-bootstraps Kademlia (refreshes its buckets and reconnects to
+/// `--bootstrap` relays). Five minutes keeps a federation joined after a peer restarts
+/// without generating noticeable traffic.
+pub const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Total reservations held at once. Each reservation is one idle QUIC connection
+/// (tens of KiB), so 4,096 fits a 512 MiB VPS with room for circuits; libp2p's default
+/// of 128 turns clients away on any real deployment.
+pub const MAX_RESERVATIONS: usize = 4096;
+
+/// Reservations per peer (libp2p's default): a client renews on its connection and
+/// rarely needs more than one or two.
+pub const MAX_RESERVATIONS_PER_PEER: usize = 4;
+
+/// Reservation lifetime (libp2p's default); clients renew before it ends.
+pub const RESERVATION_DURATION_SECS: u64 = 60 * 60;
+
+/// Circuits open at once. Circuits carry whole syncs between symmetric-NAT peers, so
+/// this is far above libp2p's 16, while bounded so a burst cannot exhaust memory.
+pub const MAX_CIRCUITS: usize = 512;
+
+/// Circuits per peer: a device syncing with several group members at once.
+pub const MAX_CIRCUITS_PER_PEER: usize = 16;
+
+/// Circuit lifetime. A sync that cannot go direct lives on the circuit; one hour lets
+/// a large one finish while bounding how long a stuck circuit holds resources (the
+/// client re-opens one if it needs more). libp2p's 2 minutes cut real syncs short.
+pub const MAX_CIRCUIT_DURATION_SECS: u64 = 60 * 60;
+
+/// Bytes per circuit, both directions together. 1 GiB lets a large sync (attachments)
+/// cross in one circuit; libp2p's 128 KiB cut every real sync.
+pub const MAX_CIRCUIT_BYTES: u64 = 1 << 30;
+
+/// Established connections in total: reservations, circuits and DHT-only clients
+/// (each client is one QUIC connection). Bounds memory under a connection flood.
+pub const MAX_CONNECTIONS: u32 = 8192;
+
+/// Established connections per peer: a client, its reconnect racing the old
+/// connection, and a relayed dial need no more.
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+
+/// QUIC handshakes in progress at once; bounds the CPU a handshake flood can take.
+pub const MAX_PENDING_INCOMING: u32 = 512;
+
+/// A connection with no open streams is closed after this long. Two minutes outlasts
+/// the clients' 30-second record re-publication, so an active client keeps one
+/// connection instead of re-handshaking every time.
+pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often the counters are logged.
+pub const STATS_LOG_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Distinct peers an observed address must be reported by before the relay trusts it
+/// as its own external address (when no `--external-address` is given).
+pub const OBSERVED_ADDR_CONFIRMATIONS: usize = 3;
+
+/// Unique peers counted exactly; beyond this `peers_served` switches to a 16 KiB
+/// HyperLogLog estimate (about 1% error) so the count never costs more than ~2 MiB.
+pub const UNIQUE_PEERS_EXACT_LIMIT: usize = 100_000;
+
+/// HTTP: time a client gets to send a complete request head (slowloris guard).
+pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP: time a request may take end to end.
+pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP: concurrent connections; more wait in the kernel's accept queue.
+pub const HTTP_MAX_CONNECTIONS: usize = 256;
+
+/// HTTP: largest request body accepted. The API is GET-only, so anything bigger is
+/// rejected with 413 before it is read.
+pub const HTTP_MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// Time given to in-flight HTTP requests and the swarm to finish on shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);

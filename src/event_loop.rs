@@ -1,0 +1,507 @@
+//! The task that owns the [`Swarm`]: peer handling, addresses, metrics.
+//!
+//! Nothing else touches the swarm. The HTTP side reads [`Snapshot`]s published on a
+//! watch channel and the shared metrics registry.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
+use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, relay};
+use tokio::sync::watch;
+
+use crate::addrs::{self, Reach};
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::config::Config;
+use crate::defaults;
+use crate::metrics::{RelayMetrics, UniquePeers};
+
+/// What the HTTP API serves, published by the event loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub peer_id: PeerId,
+    /// Dialable addresses first (configured, then public, private, loopback), then the
+    /// wildcard listen addresses the original relay listed.
+    pub addresses: Vec<Multiaddr>,
+    /// At least one QUIC listener is up.
+    pub listening: bool,
+}
+
+/// Final figures, logged periodically and returned at shutdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub peers_served: u64,
+    pub relayed_connections: u64,
+    pub reservations: i64,
+    pub circuits: i64,
+    pub connections: i64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "peers_served={} relayed_connections={} reservations={} circuits={} connections={}",
+            self.peers_served,
+            self.relayed_connections,
+            self.reservations,
+            self.circuits,
+            self.connections
+        )
+    }
+}
+
+/// What the relay knows about a connected peer, to decide whether to keep it in the
+/// routing table once it leaves.
+#[derive(Default)]
+struct PeerAddrs {
+    addrs: HashSet<Multiaddr>,
+}
+
+pub struct EventLoop {
+    pub(crate) swarm: Swarm<Behaviour>,
+    config: Config,
+    metrics: RelayMetrics,
+    libp2p_metrics: Libp2pMetrics,
+    unique_peers: UniquePeers,
+    connected: HashMap<PeerId, PeerAddrs>,
+    bootstrap_peers: HashSet<PeerId>,
+    /// Active reservations per peer.
+    reservations: HashMap<PeerId, u32>,
+    /// Concrete addresses per QUIC listener.
+    listeners: HashMap<ListenerId, Vec<Multiaddr>>,
+    /// Wildcard addresses we asked to listen on, per listener.
+    listen_requests: HashMap<ListenerId, Multiaddr>,
+    /// Observed-address candidates and the distinct peers that reported them.
+    observed: HashMap<Multiaddr, HashSet<PeerId>>,
+    snapshot: watch::Sender<Snapshot>,
+}
+
+impl EventLoop {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        config: Config,
+        metrics: RelayMetrics,
+        libp2p_metrics: Libp2pMetrics,
+        snapshot: watch::Sender<Snapshot>,
+    ) -> Self {
+        let bootstrap_peers = config.bootstrap.iter().map(|(p, _)| *p).collect();
+        Self {
+            swarm,
+            config,
+            metrics,
+            libp2p_metrics,
+            unique_peers: UniquePeers::default(),
+            connected: HashMap::new(),
+            bootstrap_peers,
+            reservations: HashMap::new(),
+            listeners: HashMap::new(),
+            listen_requests: HashMap::new(),
+            observed: HashMap::new(),
+            snapshot,
+        }
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    /// Start a QUIC listener on a wildcard address and wait until it reports its
+    /// bound addresses; returns them.
+    pub async fn listen(
+        &mut self,
+        addr: Multiaddr,
+    ) -> Result<Vec<Multiaddr>, libp2p::TransportError<std::io::Error>> {
+        let id = self.swarm.listen_on(addr.clone())?;
+        self.listen_requests.insert(id, addr);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(addrs) = self.listeners.get(&id).filter(|a| !a.is_empty()) {
+                return Ok(addrs.clone());
+            }
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(event) => self.handle_swarm_event(event),
+                Err(_) => {
+                    return Err(libp2p::TransportError::Other(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "listener reported no address within 5 s",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Add configured external addresses and dial the bootstrap relays.
+    pub fn start(&mut self) {
+        for addr in self.config.external_addresses.clone() {
+            self.swarm.add_external_address(addr);
+        }
+        self.bootstrap();
+        self.publish();
+    }
+
+    fn bootstrap(&mut self) {
+        if self.config.bootstrap.is_empty() {
+            return;
+        }
+        for (peer, addr) in self.config.bootstrap.clone() {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+            if !self.swarm.is_connected(&peer) {
+                let dial = addr.with(Protocol::P2p(peer));
+                if let Err(e) = self.swarm.dial(dial.clone()) {
+                    tracing::warn!(%dial, "cannot dial bootstrap relay: {e}");
+                }
+            }
+        }
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!("kademlia bootstrap: {e}");
+        }
+    }
+
+    /// Run until `shutdown` fires; returns the final counters.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Stats {
+        let mut stats_log = tokio::time::interval(self.config.stats_log_interval);
+        stats_log.reset();
+        let mut gauges = tokio::time::interval(Duration::from_secs(10));
+        let mut bootstrap = tokio::time::interval(defaults::BOOTSTRAP_INTERVAL);
+        bootstrap.reset();
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                _ = stats_log.tick() => tracing::info!("{}", self.stats()),
+                _ = gauges.tick() => self.update_gauges(),
+                _ = bootstrap.tick() => self.bootstrap(),
+                _ = crate::api::stopped(&mut shutdown) => break,
+            }
+        }
+        let stats = self.stats();
+        tracing::info!("shutting down: {stats}");
+        stats
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            peers_served: self.metrics.peers_served.get(),
+            relayed_connections: self.metrics.relayed_connections.get(),
+            reservations: self.metrics.reservations.get(),
+            circuits: self.metrics.circuits.get(),
+            connections: self.metrics.connections.get(),
+        }
+    }
+
+    fn update_gauges(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let peers: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+        self.metrics.kad_routing_peers.set(peers as i64);
+        use libp2p::kad::store::RecordStore;
+        let records = kad.store_mut().records().count();
+        self.metrics.kad_records.set(records as i64);
+    }
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::debug!(%address, "listening");
+                self.listeners
+                    .entry(listener_id)
+                    .or_default()
+                    .push(address.clone());
+                // Link-local addresses need a scope and are useless to anyone else.
+                if self.config.external_addresses.is_empty() && !addrs::is_link_local(&address) {
+                    // Without a configured public address the relay's own listen
+                    // addresses are the best it has: reservations must carry at least
+                    // one, and libp2p only advertises the relay protocol once there is
+                    // an external address.
+                    self.swarm.add_external_address(address);
+                }
+                self.publish();
+            }
+            SwarmEvent::ExpiredListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some(addrs) = self.listeners.get_mut(&listener_id) {
+                    addrs.retain(|a| a != &address);
+                }
+                if self.config.external_addresses.is_empty() {
+                    self.swarm.remove_external_address(&address);
+                }
+                self.publish();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                match reason {
+                    Ok(()) => tracing::info!(?addresses, "listener closed"),
+                    Err(e) => tracing::error!(?addresses, "listener failed: {e}"),
+                }
+                for a in self.listeners.remove(&listener_id).unwrap_or_default() {
+                    self.swarm.remove_external_address(&a);
+                }
+                self.listen_requests.remove(&listener_id);
+                self.publish();
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!("listener error: {error}");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                self.metrics.connections.inc();
+                let grown = self.unique_peers.insert(&peer_id);
+                self.metrics.peers_served.inc_by(grown);
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address.clone(),
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                };
+                tracing::debug!(%peer_id, %remote, "connection established");
+                let remote = addrs::without_p2p(&remote);
+                self.connected
+                    .entry(peer_id)
+                    .or_default()
+                    .addrs
+                    .insert(remote.clone());
+                self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                self.metrics.connections.dec();
+                tracing::debug!(%peer_id, ?cause, "connection closed");
+                if num_established == 0 {
+                    self.peer_left(peer_id);
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, "incoming connection failed: {error}");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, "outgoing connection failed: {error}");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address");
+                self.publish();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address removed");
+                self.publish();
+            }
+            _ => {}
+        }
+    }
+
+    /// A peer's last connection closed. Peers with no publicly dialable address leave
+    /// the routing table: they are NATed clients, and handing them to other clients'
+    /// queries would cost each query a handshake timeout.
+    fn peer_left(&mut self, peer: PeerId) {
+        self.reservation_ended(peer, u32::MAX);
+        let known = self.connected.remove(&peer).unwrap_or_default();
+        if self.bootstrap_peers.contains(&peer) {
+            return;
+        }
+        if !known.addrs.iter().any(addrs::is_public)
+            && self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some()
+        {
+            tracing::debug!(%peer, "left; removed from the routing table (not publicly dialable)");
+        }
+    }
+
+    fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(event) => {
+                self.libp2p_metrics.record(&event);
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    self.identified(peer_id, info);
+                }
+            }
+            BehaviourEvent::Relay(event) => {
+                self.libp2p_metrics.record(&event);
+                self.relay_event(event);
+            }
+            BehaviourEvent::Kad(event) => {
+                self.libp2p_metrics.record(&event);
+                if let kad::Event::OutboundQueryProgressed {
+                    result: kad::QueryResult::Bootstrap(Err(e)),
+                    ..
+                } = &event
+                {
+                    tracing::debug!("kademlia bootstrap failed: {e:?}");
+                }
+            }
+            BehaviourEvent::Ping(event) => self.libp2p_metrics.record(&event),
+            BehaviourEvent::Limits(never) => match never {},
+        }
+    }
+
+    fn identified(&mut self, peer: PeerId, info: identify::Info) {
+        tracing::debug!(
+            %peer,
+            agent = %info.agent_version,
+            addrs = info.listen_addrs.len(),
+            "identified"
+        );
+        let entry = self.connected.entry(peer).or_default();
+        for addr in &info.listen_addrs {
+            entry.addrs.insert(addrs::without_p2p(addr));
+        }
+        for addr in info.listen_addrs {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+        self.observed_addr(peer, info.observed_addr);
+    }
+
+    /// Trust an address other peers see us at once enough distinct peers agree, unless
+    /// the operator configured the external addresses.
+    fn observed_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        if !self.config.external_addresses.is_empty() || addrs::reach(&addr) != Reach::Public {
+            return;
+        }
+        let addr = addrs::without_p2p(&addr);
+        if self.swarm.external_addresses().any(|a| a == &addr) {
+            return;
+        }
+        // Bound the candidate table: a hostile peer could report endless addresses.
+        if !self.observed.contains_key(&addr) && self.observed.len() >= 64 {
+            self.observed.clear();
+        }
+        let reporters = self.observed.entry(addr.clone()).or_default();
+        reporters.insert(peer);
+        if reporters.len() >= defaults::OBSERVED_ADDR_CONFIRMATIONS {
+            self.observed.remove(&addr);
+            self.swarm.add_external_address(addr);
+        }
+    }
+
+    fn relay_event(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                tracing::debug!(peer = %src_peer_id, renewed, "reservation accepted");
+                if !renewed {
+                    *self.reservations.entry(src_peer_id).or_default() += 1;
+                    self.metrics.reservations.inc();
+                }
+            }
+            relay::Event::ReservationReqDenied {
+                src_peer_id,
+                status,
+            } => tracing::info!(peer = %src_peer_id, ?status, "reservation denied"),
+            relay::Event::ReservationTimedOut { src_peer_id } => {
+                tracing::debug!(peer = %src_peer_id, "reservation expired");
+                self.reservation_ended(src_peer_id, 1);
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
+                self.metrics.relayed_connections.inc();
+                self.metrics.circuits.inc();
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit denied")
+            }
+            relay::Event::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                error,
+            } => {
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "circuit closed");
+                self.metrics.circuits.dec();
+            }
+            relay::Event::StatusChanged { status } => {
+                tracing::info!(?status, "relay protocol advertisement")
+            }
+            _ => {}
+        }
+    }
+
+    /// libp2p's relay reports `ReservationClosed` for every closing connection, with
+    /// or without a reservation, and without saying which; so reservations are counted
+    /// per peer and released when they expire or the peer's last connection closes.
+    fn reservation_ended(&mut self, peer: PeerId, n: u32) {
+        if let Some(count) = self.reservations.get_mut(&peer) {
+            let n = n.min(*count);
+            *count -= n;
+            self.metrics.reservations.dec_by(i64::from(n));
+            if *count == 0 {
+                self.reservations.remove(&peer);
+            }
+        }
+    }
+
+    /// Publish the addresses the API lists.
+    fn publish(&mut self) {
+        let configured = &self.config.external_addresses;
+        let mut dialable: Vec<Multiaddr> = configured.clone();
+        let mut others: Vec<Multiaddr> = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !configured.contains(a))
+            .cloned()
+            .collect();
+        others.sort_by_key(addrs::reach);
+        dialable.extend(others);
+        let mut wildcard: Vec<Multiaddr> = self
+            .listen_requests
+            .iter()
+            .filter_map(|(id, requested)| {
+                let bound = self.listeners.get(id)?.first()?;
+                let port = bound.iter().find_map(|p| match p {
+                    Protocol::Udp(port) => Some(port),
+                    _ => None,
+                })?;
+                Some(
+                    requested
+                        .iter()
+                        .map(|p| match p {
+                            Protocol::Udp(_) => Protocol::Udp(port),
+                            p => p,
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        wildcard.sort_by_key(|a| matches!(a.iter().next(), Some(Protocol::Ip6(_))));
+        dialable.extend(wildcard);
+        dialable.dedup();
+        let snapshot = Snapshot {
+            peer_id: self.peer_id(),
+            addresses: dialable,
+            listening: self.listeners.values().any(|a| !a.is_empty()),
+        };
+        self.snapshot.send_if_modified(|old| {
+            let changed = *old != snapshot;
+            *old = snapshot;
+            changed
+        });
+    }
+}

@@ -1,0 +1,25 @@
+//! privstack-relay: a stateless libp2p circuit relay and Kademlia bootstrap node for
+//! PrivStack clients.
+//!
+//! [`Server::spawn`] binds the QUIC and HTTP listeners and runs the relay until
+//! [`Server::shutdown`]; `main.rs` only wires the command line, logging and signals.
+
+#![forbid(unsafe_code)]
+
+pub mod addrs;
+pub mod api;
+pub mod behaviour;
+pub mod build_info;
+pub mod client;
+pub mod config;
+pub mod defaults;
+pub mod event_loop;
+pub mod identity;
+pub mod metrics;
+pub mod notify;
+pub mod probe;
+pub mod server;
+
+pub use config::{Cli, Config};
+pub use event_loop::Stats;
+pub use server::{Server, SpawnError};

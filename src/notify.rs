@@ -1,0 +1,23 @@
+//! systemd readiness notification (`Type=notify`), without a dependency: one datagram
+//! to `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+/// Send `state` (e.g. `READY=1`) if the service manager asked for notifications.
+/// Returns whether a message was sent.
+pub fn notify(state: &str) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    let socket = UnixDatagram::unbound()?;
+    socket.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(true)
+}

@@ -1,0 +1,292 @@
+//! [`Server`]: the running relay (swarm event loop + HTTP API) behind one handle.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId, SwarmBuilder};
+use prometheus_client::registry::Registry;
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::behaviour::Behaviour;
+use crate::config::Config;
+use crate::event_loop::{EventLoop, Snapshot, Stats};
+use crate::metrics::RelayMetrics;
+use crate::{api, defaults};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot listen on UDP port {port} ({addr}, QUIC): {source}")]
+    BindQuic {
+        addr: SocketAddr,
+        port: u16,
+        source: io::Error,
+    },
+    #[error("cannot listen on TCP port {port} ({addr}, HTTP API): {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        port: u16,
+        source: io::Error,
+    },
+}
+
+/// A running relay. Dropping it aborts its tasks; [`Server::shutdown`] stops it
+/// gracefully.
+pub struct Server {
+    peer_id: PeerId,
+    quic_addrs: Vec<SocketAddr>,
+    http_addrs: Vec<SocketAddr>,
+    snapshot: watch::Receiver<Snapshot>,
+    registry: Arc<Registry>,
+    shutdown: watch::Sender<bool>,
+    event_loop: Option<JoinHandle<Stats>>,
+    http: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Bind the QUIC and HTTP listeners and start the relay. Returns once every
+    /// listener is bound, so `READY=1` and the banner can follow.
+    pub async fn spawn(key: Keypair, config: Config) -> Result<Server, SpawnError> {
+        let mut registry = Registry::default();
+        let metrics = RelayMetrics::register(&mut registry);
+        let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+
+        let swarm = SwarmBuilder::with_existing_identity(key.clone())
+            .with_tokio()
+            .with_quic()
+            .with_bandwidth_metrics(&mut registry)
+            .with_behaviour(|key| Behaviour::new(key, &config))
+            .unwrap_or_else(|never| match never {})
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(defaults::IDLE_CONNECTION_TIMEOUT)
+            })
+            .build();
+        let peer_id = *swarm.local_peer_id();
+
+        let (snapshot_tx, snapshot) = watch::channel(Snapshot {
+            peer_id,
+            addresses: Vec::new(),
+            listening: false,
+        });
+        let mut event_loop =
+            EventLoop::new(swarm, config.clone(), metrics, libp2p_metrics, snapshot_tx);
+
+        // QUIC: IPv4 first; IPv6 on the same port (the one IPv4 got, if 0 was asked).
+        let mut quic_addrs = Vec::new();
+        let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), config.port);
+        let port = listen_quic(&mut event_loop, v4).await?;
+        quic_addrs.push(SocketAddr::new(v4.ip(), port));
+        let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+        match check_bind(v6, Type::DGRAM) {
+            Err(e) if ipv6_missing(&e) => {
+                tracing::warn!("IPv6 unavailable ({e}); QUIC listens on IPv4 only");
+            }
+            _ => {
+                let port = listen_quic(&mut event_loop, v6).await?;
+                quic_addrs.push(SocketAddr::new(v6.ip(), port));
+            }
+        }
+
+        // HTTP on both families, same port.
+        let mut listeners = Vec::new();
+        let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), config.http_port);
+        let l4 = bind_tcp(v4)?;
+        let http_port = l4
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(config.http_port);
+        listeners.push(l4);
+        match bind_tcp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), http_port)) {
+            Ok(l6) => listeners.push(l6),
+            Err(SpawnError::BindHttp { source, .. }) if ipv6_missing(&source) => {
+                tracing::warn!("IPv6 unavailable ({source}); HTTP API listens on IPv4 only");
+            }
+            Err(e) => return Err(e),
+        }
+        let http_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+
+        event_loop.start();
+
+        let registry = Arc::new(registry);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let app = api::router(snapshot.clone(), registry.clone());
+        let permits = Arc::new(Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
+        let http = listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(api::serve(
+                    l,
+                    app.clone(),
+                    permits.clone(),
+                    shutdown_rx.clone(),
+                ))
+            })
+            .collect();
+        let event_loop = tokio::spawn(event_loop.run(shutdown_rx));
+
+        Ok(Server {
+            peer_id,
+            quic_addrs,
+            http_addrs,
+            snapshot,
+            registry,
+            shutdown,
+            event_loop: Some(event_loop),
+            http,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Bound QUIC sockets (IPv4 first).
+    pub fn quic_addrs(&self) -> &[SocketAddr] {
+        &self.quic_addrs
+    }
+
+    /// Bound HTTP sockets (IPv4 first).
+    pub fn http_addrs(&self) -> &[SocketAddr] {
+        &self.http_addrs
+    }
+
+    /// A loopback address clients in the same host can dial, with `/p2p/`.
+    pub fn loopback_multiaddr(&self) -> Multiaddr {
+        Multiaddr::empty()
+            .with(Protocol::Ip4(Ipv4Addr::LOCALHOST))
+            .with(Protocol::Udp(self.quic_addrs[0].port()))
+            .with(Protocol::QuicV1)
+            .with(Protocol::P2p(self.peer_id))
+    }
+
+    /// The identity API base URL on loopback.
+    pub fn loopback_http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_addrs[0].port())
+    }
+
+    /// Current addresses as the API lists them.
+    pub fn addresses(&self) -> Vec<Multiaddr> {
+        self.snapshot.borrow().addresses.clone()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Resolves if the event loop ends on its own (it only should on shutdown).
+    pub async fn join(&mut self) -> Stats {
+        match self.event_loop.as_mut() {
+            Some(handle) => {
+                let stats = handle.await.unwrap_or_default();
+                self.event_loop = None;
+                stats
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stop accepting, let in-flight HTTP requests finish, close the swarm; returns the
+    /// final counters.
+    pub async fn shutdown(mut self) -> Stats {
+        let _ = self.shutdown.send(true);
+        let stats = match self.event_loop.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => Stats::default(),
+        };
+        for h in self.http.drain(..) {
+            let _ = h.await;
+        }
+        stats
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(h) = &self.event_loop {
+            h.abort();
+        }
+        for h in &self.http {
+            h.abort();
+        }
+    }
+}
+
+fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) => Protocol::Ip4(ip),
+        IpAddr::V6(ip) => Protocol::Ip6(ip),
+    };
+    Multiaddr::empty()
+        .with(ip)
+        .with(Protocol::Udp(addr.port()))
+        .with(Protocol::QuicV1)
+}
+
+/// Listen for QUIC on `addr`; returns the bound port.
+async fn listen_quic(event_loop: &mut EventLoop, addr: SocketAddr) -> Result<u16, SpawnError> {
+    let err = |source| SpawnError::BindQuic {
+        addr,
+        port: addr.port(),
+        source,
+    };
+    // libp2p wraps the OS error; binding once ourselves first yields a precise one.
+    check_bind(addr, Type::DGRAM).map_err(err)?;
+    let bound = event_loop
+        .listen(quic_multiaddr(addr))
+        .await
+        .map_err(|e| err(io::Error::other(e.to_string())))?;
+    Ok(bound
+        .iter()
+        .find_map(|a| {
+            a.iter().find_map(|p| match p {
+                Protocol::Udp(port) => Some(port),
+                _ => None,
+            })
+        })
+        .unwrap_or(addr.port()))
+}
+
+fn new_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        // Separate IPv4 and IPv6 sockets, as libp2p-quic does, so both can bind.
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
+fn check_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
+    new_socket(addr, ty)?.bind(&addr.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SpawnError> {
+    let result = (|| {
+        let socket = new_socket(addr, Type::STREAM)?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    })();
+    result.map_err(|source| SpawnError::BindHttp {
+        addr,
+        port: addr.port(),
+        source,
+    })
+}
+
+/// The host has no IPv6 (module not loaded, disabled by sysctl, no address).
+fn ipv6_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+    )
+}
