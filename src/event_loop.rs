@@ -197,10 +197,15 @@ impl EventLoop {
         }
     }
 
-    fn update_gauges(&mut self) {
+    fn update_routing_gauge(&mut self) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         let peers: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
         self.metrics.kad_routing_peers.set(peers as i64);
+    }
+
+    fn update_gauges(&mut self) {
+        self.update_routing_gauge();
+        let kad = &mut self.swarm.behaviour_mut().kad;
         use libp2p::kad::store::RecordStore;
         let records = kad.store_mut().records().count();
         self.metrics.kad_records.set(records as i64);
@@ -325,6 +330,7 @@ impl EventLoop {
             && self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some()
         {
             tracing::debug!(%peer, "left; removed from the routing table (not publicly dialable)");
+            self.update_routing_gauge();
         }
     }
 
@@ -342,6 +348,12 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(event) => {
                 self.libp2p_metrics.record(&event);
+                if matches!(
+                    event,
+                    kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. }
+                ) {
+                    self.update_routing_gauge();
+                }
                 if let kad::Event::OutboundQueryProgressed {
                     result: kad::QueryResult::Bootstrap(Err(e)),
                     ..

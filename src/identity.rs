@@ -15,22 +15,22 @@ use libp2p::identity::Keypair;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot read identity key {path}: {source}")]
+    #[error("cannot read identity key {path}")]
     Read { path: PathBuf, source: io::Error },
     #[error(
         "identity key {path} is empty; refusing to overwrite it (move it away to generate a new key)"
     )]
     Empty { path: PathBuf },
     #[error(
-        "identity key {path} is not a valid libp2p protobuf-encoded key ({source}); refusing to overwrite it"
+        "identity key {path} is not a valid libp2p protobuf-encoded key (refusing to overwrite it)"
     )]
     Corrupt {
         path: PathBuf,
         source: libp2p::identity::DecodingError,
     },
-    #[error("cannot create directory {path} for the identity key: {source}")]
+    #[error("cannot create directory {path} for the identity key")]
     CreateDir { path: PathBuf, source: io::Error },
-    #[error("cannot write identity key {path}: {source}")]
+    #[error("cannot write identity key {path}")]
     Write { path: PathBuf, source: io::Error },
 }
 

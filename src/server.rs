@@ -21,13 +21,13 @@ use crate::{api, defaults};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("cannot listen on UDP port {port} ({addr}, QUIC): {source}")]
+    #[error("cannot listen on UDP port {port} ({addr}, QUIC)")]
     BindQuic {
         addr: SocketAddr,
         port: u16,
         source: io::Error,
     },
-    #[error("cannot listen on TCP port {port} ({addr}, HTTP API): {source}")]
+    #[error("cannot listen on TCP port {port} ({addr}, HTTP API)")]
     BindHttp {
         addr: SocketAddr,
         port: u16,

@@ -1,0 +1,447 @@
+//! The built binary, run as an operator (or a client test suite) runs it.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_privstack-relay");
+/// Peer ID of `tests/fixtures/original-relay-identity.key`: an ED25519 key in libp2p's
+/// protobuf encoding (`08 01 12 40` + secret + public), as the original relay wrote it.
+const ORIGINAL_PEER_ID: &str = "12D3KooWRawPbxPtP1eZaJpumGnyWX2DcUyd3RQnydr3eAto4Az7";
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "privstack-cli-{name}-{}-{:?}",
+        std::process::id(),
+        Instant::now()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port free for UDP (or TCP) on both 0.0.0.0 and ::, as probed just now.
+fn free_port(udp: bool) -> u16 {
+    loop {
+        let port = if udp {
+            UdpSocket::bind("0.0.0.0:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        } else {
+            TcpListener::bind("0.0.0.0:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let v6_free = if udp {
+            UdpSocket::bind(("::", port)).is_ok()
+        } else {
+            TcpListener::bind(("::", port)).is_ok()
+        };
+        if v6_free {
+            return port;
+        }
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    eprintln!(
+        "$ privstack-relay {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A relay process, killed when dropped.
+struct Relay {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: PathBuf,
+    quic_port: u16,
+    http_port: u16,
+}
+
+impl Relay {
+    fn start(dir: &Path, identity: &Path, envs: &[(&str, &str)]) -> Relay {
+        let quic_port = free_port(true);
+        let http_port = free_port(false);
+        let stderr = dir.join(format!("stderr-{quic_port}.log"));
+        let mut child = Command::new(BIN)
+            .args(["--port", &quic_port.to_string()])
+            .args(["--http-port", &http_port.to_string()])
+            .arg("--identity")
+            .arg(identity)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        Relay {
+            child,
+            lines,
+            stderr,
+            quic_port,
+            http_port,
+        }
+    }
+
+    /// The peer ID from the banner's `  PeerId: ` line, which client test suites parse.
+    fn banner_peer_id(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(id) = line.strip_prefix("  PeerId: ") {
+                        return id.to_owned();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no PeerId line; stderr:\n{}", self.stderr_text());
+    }
+
+    fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "relay did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let resp = rt
+        .block_on(privstack_relay::client::request(
+            "GET",
+            url,
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    (resp.status, text(&resp.body))
+}
+
+#[test]
+fn help_and_version_document_the_command_line() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in [
+        "--port",
+        "--http-port",
+        "--identity",
+        "--verbose",
+        "--external-address",
+        "--bootstrap",
+        "--kad-protocol",
+        "--kad-max-records",
+        "--kad-max-value-bytes",
+        "--max-reservations",
+        "--max-reservations-per-peer",
+        "--reservation-duration-secs",
+        "--max-circuits",
+        "--max-circuits-per-peer",
+        "--max-circuit-duration-secs",
+        "--max-circuit-bytes",
+        "--max-connections",
+        "--max-connections-per-peer",
+        "PRIVSTACK_RELAY_PORT",
+        "[default: 4001]",
+        "[default: 4002]",
+        "[default: relay-identity.key]",
+        "keygen",
+        "probe",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let out = run(&["--version"]);
+    let version = text(&out.stdout);
+    assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+    assert!(version.contains("target: "), "{version}");
+    assert!(version.contains("allocator: jemalloc"), "{version}");
+
+    let out = run(&["--external-address", "/ip4/1.2.3.4/tcp/1"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--external-address /ip4/1.2.3.4/tcp/1"));
+    let out = run(&["--port", "http"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--port"));
+}
+
+#[test]
+fn operator_lifecycle_keygen_run_probe_sigterm_restart() {
+    let dir = tempdir("lifecycle");
+    let key = dir.join("state/relay-identity.key");
+    let key_s = key.to_str().unwrap();
+
+    let out = run(&["keygen", "--identity", key_s]);
+    assert!(out.status.success());
+    let peer_id = text(&out.stdout).trim().to_owned();
+    assert!(peer_id.starts_with("12D3KooW"), "{peer_id}");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "new key file mode");
+    let bytes = std::fs::read(&key).unwrap();
+    let out = run(&["keygen", "--identity", key_s]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), peer_id);
+    assert!(text(&out.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&key).unwrap(), bytes);
+
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut relay = Relay::start(
+        &dir,
+        &key,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    assert_eq!(relay.banner_peer_id(), peer_id);
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+
+    let (status, body) = http_get(&format!("{}/api/v1/identity", relay.url()));
+    assert_eq!(status, 200);
+    assert!(body.contains(&peer_id), "{body}");
+
+    let out = run(&["probe", &relay.url()]);
+    assert!(out.status.success(), "probe against a running relay");
+    let report = text(&out.stdout);
+    for step in [
+        "identity API  ok",
+        "QUIC dial     ok",
+        "identify      ok",
+        "reservation   ok",
+        "OK",
+    ] {
+        assert!(report.contains(step), "probe report lacks {step:?}");
+    }
+    let addr = format!(
+        "/ip4/127.0.0.1/udp/{}/quic-v1/p2p/{peer_id}",
+        relay.quic_port
+    );
+    let out = run(&["probe", &addr]);
+    assert!(out.status.success(), "probe by multiaddr");
+
+    relay.sigterm();
+    let status = relay.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let log = relay.stderr_text();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(
+        log.contains("peers_served=2"),
+        "final counters logged:\n{log}"
+    );
+    drop(relay);
+
+    // Restart: same key, same peer ID.
+    let relay = Relay::start(&dir, &key, &[]);
+    assert_eq!(relay.banner_peer_id(), peer_id);
+    drop(relay);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn key_written_by_the_original_relay_loads() {
+    let dir = tempdir("original");
+    let key = dir.join("relay-identity.key");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/original-relay-identity.key");
+    std::fs::copy(&fixture, &key).unwrap();
+    let before = std::fs::read(&key).unwrap();
+    assert_eq!(&before[..4], &[0x08, 0x01, 0x12, 0x40]);
+
+    let out = run(&["keygen", "--identity", key.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), ORIGINAL_PEER_ID);
+
+    let relay = Relay::start(&dir, &key, &[]);
+    assert_eq!(relay.banner_peer_id(), ORIGINAL_PEER_ID);
+    drop(relay);
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_identity_files_are_fatal_and_left_untouched() {
+    let dir = tempdir("badkey");
+    let valid = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/original-relay-identity.key"),
+    )
+    .unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("empty.key", vec![], "is empty"),
+        ("truncated.key", valid[..30].to_vec(), "not a valid"),
+        (
+            "corrupt.key",
+            b"-----BEGIN garbage-----\n".to_vec(),
+            "not a valid",
+        ),
+    ];
+    for (name, bytes, expect) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        for sub in [&[][..], &["keygen"][..]] {
+            let mut args: Vec<&str> = sub.to_vec();
+            args.extend([
+                "--identity",
+                path.to_str().unwrap(),
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ]);
+            if !sub.is_empty() {
+                args.truncate(3);
+            }
+            let out = run(&args);
+            assert!(!out.status.success(), "{name} must be fatal");
+            let err = text(&out.stderr);
+            assert!(
+                err.contains(path.to_str().unwrap()),
+                "message names the path: {err}"
+            );
+            assert!(err.contains(expect), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} modified");
+        }
+    }
+    // Unreadable: a directory where the key should be.
+    let path = dir.join("a-directory.key");
+    std::fs::create_dir(&path).unwrap();
+    let out = run(&[
+        "--identity",
+        path.to_str().unwrap(),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot read identity key"));
+    assert!(path.is_dir());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn ports_in_use_are_reported_with_their_number() {
+    let dir = tempdir("ports");
+    let key = dir.join("k");
+    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let port = udp.local_addr().unwrap().port().to_string();
+    let out = run(&[
+        "--port",
+        &port,
+        "--http-port",
+        "0",
+        "--identity",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("UDP port {port}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+
+    let tcp = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = tcp.local_addr().unwrap().port().to_string();
+    let out = run(&[
+        "--port",
+        "0",
+        "--http-port",
+        &port,
+        "--identity",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("TCP port {port}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn probe_of_a_dead_relay_fails_clearly() {
+    let port = free_port(false).to_string();
+    let out = run(&[
+        "probe",
+        "--timeout",
+        "3",
+        &format!("http://127.0.0.1:{port}"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("probe failed: identity API"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+
+    let port = free_port(true).to_string();
+    let addr = format!("/ip4/127.0.0.1/udp/{port}/quic-v1/p2p/{ORIGINAL_PEER_ID}");
+    let out = run(&["probe", "--timeout", "3", &addr]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("probe failed: QUIC dial"));
+
+    let out = run(&["probe", "not-a-target"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("invalid target \"not-a-target\""));
+}

@@ -1,0 +1,339 @@
+//! Shared test helpers: an in-process relay and real rust-libp2p client peers over
+//! loopback QUIC, each driven by its own task.
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad::store::MemoryStore;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, ping, relay,
+    yamux,
+};
+use privstack_relay::config::RunArgs;
+use privstack_relay::{Config, Server};
+use tokio::sync::{mpsc, oneshot};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A relay in this process on ports picked by the OS.
+pub async fn spawn_relay(tweak: impl FnOnce(&mut RunArgs)) -> Server {
+    let mut args = RunArgs {
+        port: 0,
+        http_port: 0,
+        ..RunArgs::default()
+    };
+    tweak(&mut args);
+    let config = Config::try_from(&args).expect("valid test config");
+    Server::spawn(libp2p::identity::Keypair::generate_ed25519(), config)
+        .await
+        .expect("relay starts")
+}
+
+#[derive(NetworkBehaviour)]
+pub struct ClientBehaviour {
+    pub relay_client: relay::client::Behaviour,
+    pub identify: identify::Behaviour,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub ping: ping::Behaviour,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+pub type ClientEvent = SwarmEvent<ClientBehaviourEvent>;
+type Cmd = Box<dyn FnOnce(&mut Swarm<ClientBehaviour>) + Send>;
+
+/// A PrivStack-like client: QUIC only, Kademlia in server mode on the default protocol,
+/// identify, ping, the relay client (noise + yamux over circuits) and raw streams.
+pub struct TestClient {
+    pub peer_id: PeerId,
+    pub control: libp2p_stream::Control,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    events: mpsc::UnboundedReceiver<ClientEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestClient {
+    /// A client listening on `ip` (a 127.0.0.0/8 address, so many clients look like
+    /// many hosts to the relay's per-IP limits), or not listening at all.
+    pub async fn new(listen: Option<Ipv4Addr>) -> Self {
+        let mut swarm = SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .unwrap()
+            .with_behaviour(|key, relay_client| {
+                let peer_id = key.public().to_peer_id();
+                let mut kad = kad::Behaviour::new(peer_id, MemoryStore::new(peer_id));
+                kad.set_mode(Some(kad::Mode::Server));
+                ClientBehaviour {
+                    relay_client,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/privstack/1.0.0".into(),
+                        key.public(),
+                    )),
+                    kad,
+                    ping: ping::Behaviour::default(),
+                    stream: libp2p_stream::Behaviour::new(),
+                }
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let peer_id = *swarm.local_peer_id();
+        let control = swarm.behaviour().stream.new_control();
+        if let Some(ip) = listen {
+            let addr = Multiaddr::empty()
+                .with(Protocol::Ip4(ip))
+                .with(Protocol::Udp(0))
+                .with(Protocol::QuicV1);
+            swarm.listen_on(addr).unwrap();
+            loop {
+                if let SwarmEvent::NewListenAddr { .. } = swarm.select_next_some().await {
+                    break;
+                }
+            }
+        }
+        let (cmds, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(cmd) => cmd(&mut swarm),
+                        None => break,
+                    },
+                    ev = swarm.select_next_some() => { let _ = ev_tx.send(ev); }
+                }
+            }
+        });
+        Self {
+            peer_id,
+            control,
+            cmds,
+            events,
+            task,
+        }
+    }
+
+    /// Run `f` on the swarm inside its task and return the result.
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Swarm<ClientBehaviour>) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Box::new(move |s| {
+                let _ = tx.send(f(s));
+            }))
+            .expect("client task alive");
+        rx.await.expect("client task alive")
+    }
+
+    /// Consume events until `f` returns `Some`, failing the test after [`WAIT`].
+    pub async fn wait<T>(&mut self, what: &str, mut f: impl FnMut(ClientEvent) -> Option<T>) -> T {
+        let fut = async {
+            loop {
+                let ev = self.events.recv().await.expect("client task alive");
+                if let Some(t) = f(ev) {
+                    return t;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    }
+
+    /// Dial `addr` (ending in /p2p/<peer>) and wait until connected and identified.
+    pub async fn connect(&mut self, addr: Multiaddr) -> identify::Info {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            panic!("{addr} has no /p2p/");
+        };
+        self.with(move |s| s.dial(addr)).await.expect("dial starts");
+        self.wait("identify from the dialed peer", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if peer_id == peer => Some(info),
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(p),
+                error,
+                ..
+            } if p == peer => panic!("dial {peer} failed: {error}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Join the DHT through `relay`, as PrivStack clients do.
+    pub async fn bootstrap_via(&mut self, relay: Multiaddr) {
+        let Some(Protocol::P2p(peer)) = relay.iter().last() else {
+            panic!("{relay} has no /p2p/");
+        };
+        let mut plain = relay.clone();
+        plain.pop();
+        self.with(move |s| {
+            s.behaviour_mut().kad.add_address(&peer, plain);
+        })
+        .await;
+        self.connect(relay).await;
+        let id = self
+            .with(|s| s.behaviour_mut().kad.bootstrap().expect("has a peer"))
+            .await;
+        self.wait("kademlia bootstrap", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                kad::Event::OutboundQueryProgressed {
+                    id: qid,
+                    result: kad::QueryResult::Bootstrap(_),
+                    step,
+                    ..
+                },
+            )) if qid == id && step.last => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+
+    pub async fn put_record(&mut self, record: kad::Record) -> Result<(), kad::PutRecordError> {
+        let id = self
+            .with(move |s| {
+                s.behaviour_mut()
+                    .kad
+                    .put_record(record, kad::Quorum::One)
+                    .expect("record stored locally")
+            })
+            .await;
+        self.wait("put_record result", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                kad::Event::OutboundQueryProgressed {
+                    id: qid,
+                    result: kad::QueryResult::PutRecord(r),
+                    ..
+                },
+            )) if qid == id => Some(r.map(|_| ())),
+            _ => None,
+        })
+        .await
+    }
+
+    /// All records found for `key` (empty if none).
+    pub async fn get_record(&mut self, key: kad::RecordKey) -> Vec<kad::PeerRecord> {
+        let id = self
+            .with(move |s| s.behaviour_mut().kad.get_record(key))
+            .await;
+        let mut found = Vec::new();
+        loop {
+            let (res, last) = self
+                .wait("get_record progress", |ev| match ev {
+                    SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                        kad::Event::OutboundQueryProgressed {
+                            id: qid,
+                            result: kad::QueryResult::GetRecord(r),
+                            step,
+                            ..
+                        },
+                    )) if qid == id => Some((r, step.last)),
+                    _ => None,
+                })
+                .await;
+            if let Ok(kad::GetRecordOk::FoundRecord(r)) = res {
+                found.push(r);
+                // One is enough; stop the query rather than wait out its timeout.
+                self.with(move |s| {
+                    if let Some(mut q) = s.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                })
+                .await;
+                return found;
+            }
+            if last {
+                return found;
+            }
+        }
+    }
+
+    /// Peers the DHT returns as closest to `key`, with the query's statistics (how
+    /// many peers it contacted and how many of those failed).
+    pub async fn closest_peers(&mut self, key: PeerId) -> (Vec<PeerId>, kad::QueryStats) {
+        let id = self
+            .with(move |s| s.behaviour_mut().kad.get_closest_peers(key))
+            .await;
+        self.wait("get_closest_peers result", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                kad::Event::OutboundQueryProgressed {
+                    id: qid,
+                    result: kad::QueryResult::GetClosestPeers(r),
+                    step,
+                    stats,
+                },
+            )) if qid == id && step.last => Some((
+                match r {
+                    Ok(ok) => ok.peers.into_iter().map(|p| p.peer_id).collect(),
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => {
+                        peers.into_iter().map(|p| p.peer_id).collect()
+                    }
+                },
+                stats,
+            )),
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// PrivStack's record key: `/privstack/syncgroup/` + SHA-256(normalised sync code).
+pub fn syncgroup_key(code: &str) -> kad::RecordKey {
+    use sha2::Digest;
+    let mut key = b"/privstack/syncgroup/".to_vec();
+    key.extend_from_slice(&sha2::Sha256::digest(code.as_bytes()));
+    kad::RecordKey::new(&key)
+}
+
+pub const TRANSFER_PROTOCOL: StreamProtocol = StreamProtocol::new("/privstack-test/transfer/1");
+
+/// Value of a metric line `name value` in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+pub async fn fetch_metrics(server: &Server) -> String {
+    let resp = privstack_relay::client::request(
+        "GET",
+        &format!("{}/metrics", server.loopback_http_url()),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200);
+    String::from_utf8(resp.body).unwrap()
+}
+
+/// Poll `/metrics` until `name` satisfies `ok`, failing after [`WAIT`].
+pub async fn wait_metric(server: &Server, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = fetch_metrics(server).await;
+        if let Some(v) = metric(&text, name).filter(|v| ok(*v)) {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("metric {name} never reached the expected value:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

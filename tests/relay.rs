@@ -1,0 +1,392 @@
+//! The relay in-process with real rust-libp2p clients over loopback QUIC.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use common::*;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, kad, relay};
+use privstack_relay::client;
+use sha2::Digest;
+
+const V: &str = env!("CARGO_PKG_VERSION");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_api_matches_what_a_client_authenticates() {
+    let server = spawn_relay(|_| {}).await;
+    let url = format!("{}/api/v1/identity", server.loopback_http_url());
+    let resp = client::request("GET", &url, WAIT).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.content_type.as_deref(), Some("application/json"));
+    let json: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    let obj = json.as_object().unwrap();
+    let mut keys: Vec<_> = obj.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["addresses", "agent_version", "peer_id", "protocol_version"]
+    );
+    assert_eq!(obj["protocol_version"], "/privstack/relay/1.0.0");
+    assert_eq!(obj["agent_version"], format!("privstack-relay/{V}"));
+    let addresses: Vec<Multiaddr> = obj["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().parse().unwrap())
+        .collect();
+    // Dialable addresses first, the wildcard listen addresses (as the original listed) last.
+    let port = server.quic_addrs()[0].port();
+    assert!(!privstack_relay::addrs::is_unspecified(&addresses[0]));
+    assert!(addresses.contains(&format!("/ip4/0.0.0.0/udp/{port}/quic-v1").parse().unwrap()));
+    assert!(
+        addresses.contains(
+            &format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+                .parse()
+                .unwrap()
+        )
+    );
+
+    // Dial a listed address with the advertised peer ID: the TLS handshake
+    // authenticates the relay as exactly that peer.
+    let peer_id = obj["peer_id"].as_str().unwrap().to_owned();
+    let loopback = addresses
+        .iter()
+        .find(|a| a.to_string().starts_with("/ip4/127.0.0.1/"))
+        .unwrap()
+        .clone()
+        .with(Protocol::P2p(peer_id.parse().unwrap()));
+    let mut c = TestClient::new(None).await;
+    let info = c.connect(loopback).await;
+    assert_eq!(info.public_key.to_peer_id().to_string(), peer_id);
+    assert_eq!(info.protocol_version, obj["protocol_version"]);
+    assert_eq!(info.agent_version, obj["agent_version"]);
+    // Kademlia and the relay hop protocol are both advertised.
+    let protocols: Vec<String> = info.protocols.iter().map(|p| p.to_string()).collect();
+    assert!(
+        protocols.contains(&"/ipfs/kad/1.0.0".to_owned()),
+        "{protocols:?}"
+    );
+    assert!(
+        protocols.contains(&"/libp2p/circuit/relay/0.2.0/hop".to_owned()),
+        "{protocols:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_health_and_metrics() {
+    let server = spawn_relay(|_| {}).await;
+    let base = server.loopback_http_url();
+
+    let resp = client::request("GET", &format!("{base}/nope"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 404);
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(body["error"], "not found");
+
+    for method in ["POST", "PUT", "DELETE"] {
+        let resp = client::request(method, &format!("{base}/api/v1/identity"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 405, "{method}");
+        assert!(resp.headers.get("allow").is_some());
+    }
+
+    let resp = client::request("GET", &format!("{base}/healthz"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+
+    // IPv6 serves the same API when the host has it.
+    if let Some(v6) = server.http_addrs().iter().find(|a| a.is_ipv6()) {
+        let resp = client::request("GET", &format!("http://[::1]:{}/healthz", v6.port()), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200);
+    }
+
+    let text = fetch_metrics(&server).await;
+    assert_eq!(metric(&text, "peers_served_total"), Some(0.0));
+    assert_eq!(metric(&text, "relayed_connections_total"), Some(0.0));
+    assert!(
+        text.contains("libp2p_"),
+        "libp2p's own metrics are exported"
+    );
+
+    // The same peer twice counts once; a second peer counts.
+    let mut a = TestClient::new(None).await;
+    a.connect(server.loopback_multiaddr()).await;
+    wait_metric(&server, "peers_served_total", |v| v == 1.0).await;
+    wait_metric(&server, "relay_connections", |v| v == 1.0).await;
+    let relay = server.peer_id();
+    a.with(move |s| s.disconnect_peer_id(relay)).await.unwrap();
+    wait_metric(&server, "relay_connections", |v| v == 0.0).await;
+    a.connect(server.loopback_multiaddr()).await;
+    let mut b = TestClient::new(None).await;
+    b.connect(server.loopback_multiaddr()).await;
+    wait_metric(&server, "relay_connections", |v| v == 2.0).await;
+    assert_eq!(
+        metric(&fetch_metrics(&server).await, "peers_served_total"),
+        Some(2.0)
+    );
+    let stats = server.shutdown().await;
+    assert_eq!(stats.peers_served, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_rejects_oversized_and_malformed_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = spawn_relay(|_| {}).await;
+    let addr = format!("127.0.0.1:{}", server.http_addrs()[0].port());
+
+    async fn raw(addr: &str, request: &[u8]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    let big_body = raw(
+        &addr,
+        b"GET /api/v1/identity HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(big_body.starts_with("HTTP/1.1 413"), "{big_body}");
+
+    let mut huge_header = b"GET /api/v1/identity HTTP/1.1\r\nHost: x\r\nX-Junk: ".to_vec();
+    huge_header.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    huge_header.extend_from_slice(b"\r\n\r\n");
+    let resp = raw(&addr, &huge_header).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+
+    let garbage = raw(&addr, b"\x16\x03\x01garbage that is not HTTP\r\n\r\n").await;
+    assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+
+    // The relay is still fine afterwards.
+    let resp = client::request("GET", &format!("http://{addr}/healthz"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_group_discovery_through_records() {
+    let server = spawn_relay(|_| {}).await;
+    let mut a = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 1))).await;
+    let mut b = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 1))).await;
+    a.bootstrap_via(server.loopback_multiaddr()).await;
+    b.bootstrap_via(server.loopback_multiaddr()).await;
+
+    let key = syncgroup_key("correct-horse-battery-staple");
+    let value = serde_json::json!({
+        "device_name": "laptop",
+        "addresses": ["/ip4/192.168.1.20/udp/51000/quic-v1"],
+        "timestamp": 1_764_000_000u64,
+    });
+    let mut record = kad::Record::new(key.clone(), serde_json::to_vec(&value).unwrap());
+    record.publisher = Some(a.peer_id);
+    a.put_record(record)
+        .await
+        .expect("put_record with Quorum::One succeeds");
+
+    let found = b.get_record(key).await;
+    let rec = &found.first().expect("B finds A's record").record;
+    assert_eq!(
+        rec.publisher,
+        Some(a.peer_id),
+        "publisher survives the relay"
+    );
+    let got: serde_json::Value = serde_json::from_slice(&rec.value).unwrap();
+    assert_eq!(got, value);
+
+    let other = b.get_record(syncgroup_key("another-code")).await;
+    assert!(other.is_empty(), "a different sync code finds nothing");
+
+    let text = fetch_metrics(&server).await;
+    assert!(metric(&text, "peers_served_total").unwrap() >= 2.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departed_nated_peers_leave_the_routing_table() {
+    let server = spawn_relay(|_| {}).await;
+    let relay = server.peer_id();
+    let mut a = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 2))).await;
+    let mut b = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 3))).await;
+    a.bootstrap_via(server.loopback_multiaddr()).await;
+    b.bootstrap_via(server.loopback_multiaddr()).await;
+
+    // While A is connected the relay hands it out.
+    let a_id = a.peer_id;
+    let (closest, _) = b.closest_peers(a_id).await;
+    assert!(
+        closest.contains(&a_id),
+        "connected peer is in the DHT: {closest:?}"
+    );
+    wait_metric(&server, "relay_kad_routing_peers", |v| v == 2.0).await;
+
+    // A leaves; its only addresses are loopback (not publicly dialable), so the relay
+    // must drop it and stop handing it to queries.
+    a.with(move |s| s.disconnect_peer_id(relay)).await.unwrap();
+    a.wait("A disconnected", |ev| match ev {
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } if peer_id == relay => Some(()),
+        _ => None,
+    })
+    .await;
+    drop(a);
+    wait_metric(&server, "relay_connections", |v| v == 1.0).await;
+    wait_metric(&server, "relay_kad_routing_peers", |v| v == 1.0).await;
+
+    // B forgets what it learnt itself, so only the relay's answer counts. Had the relay
+    // handed A out, B would have tried to reach it and counted a failure (a handshake
+    // timeout on a real NAT).
+    b.with(move |s| {
+        s.behaviour_mut().kad.remove_peer(&a_id);
+    })
+    .await;
+    let (closest, stats) = b.closest_peers(a_id).await;
+    assert!(!closest.contains(&a_id), "{closest:?}");
+    assert!(closest.contains(&relay));
+    assert_eq!(
+        stats.num_failures(),
+        0,
+        "query was handed a departed peer: {stats:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_carries_64_mib_each_way() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let server = spawn_relay(|_| {}).await;
+    let relay_addr = server.loopback_multiaddr();
+    let relay = server.peer_id();
+
+    // Neither A nor B listens directly, so their only path is the circuit.
+    let mut a = TestClient::new(None).await;
+    let mut b = TestClient::new(None).await;
+    a.connect(relay_addr.clone()).await;
+    let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+    a.with(move |s| s.listen_on(circuit)).await.unwrap();
+    a.wait("reservation accepted", |ev| match ev {
+        SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
+            relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+        )) if relay_peer_id == relay => Some(()),
+        _ => None,
+    })
+    .await;
+    wait_metric(&server, "relay_reservations", |v| v == 1.0).await;
+
+    let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
+    let a_id = a.peer_id;
+    let target = relay_addr
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(a_id));
+    b.with(move |s| s.dial(target)).await.unwrap();
+    let endpoint = b
+        .wait("relayed connection to A", |ev| match ev {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } if peer_id == a_id => Some(endpoint),
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                panic!("relayed dial failed: {error}")
+            }
+            _ => None,
+        })
+        .await;
+    assert!(endpoint.is_relayed());
+
+    let data = |seed: u8| -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0u8; SIZE];
+        rand::rngs::StdRng::from_seed([seed; 32]).fill_bytes(&mut v);
+        v
+    };
+    let (to_a, to_b) = (data(1), data(2));
+    let (to_a_hash, to_b_hash) = (sha2::Sha256::digest(&to_a), sha2::Sha256::digest(&to_b));
+
+    // A: read everything B sends, then send its own payload back.
+    let a_side = tokio::spawn(async move {
+        let (peer, mut stream) = incoming.next().await.unwrap();
+        let mut got = Vec::with_capacity(SIZE);
+        stream.read_to_end(&mut got).await.unwrap();
+        stream.write_all(&to_b).await.unwrap();
+        stream.close().await.unwrap();
+        (peer, sha2::Sha256::digest(&got), got.len())
+    });
+    let mut control = b.control.clone();
+    let b_side = tokio::spawn(async move {
+        let mut stream = control.open_stream(a_id, TRANSFER_PROTOCOL).await.unwrap();
+        stream.write_all(&to_a).await.unwrap();
+        stream.close().await.unwrap();
+        let mut got = Vec::with_capacity(SIZE);
+        stream.read_to_end(&mut got).await.unwrap();
+        (sha2::Sha256::digest(&got), got.len())
+    });
+    let limit = Duration::from_secs(600);
+    let (peer, a_got, a_len) = tokio::time::timeout(limit, a_side).await.unwrap().unwrap();
+    let (b_got, b_len) = tokio::time::timeout(limit, b_side).await.unwrap().unwrap();
+    assert_eq!(peer, b.peer_id);
+    assert_eq!(a_len, SIZE);
+    assert_eq!(b_len, SIZE);
+    assert_eq!(a_got, to_a_hash, "B→A payload intact");
+    assert_eq!(b_got, to_b_hash, "A→B payload intact");
+
+    let text = fetch_metrics(&server).await;
+    assert_eq!(metric(&text, "relayed_connections_total"), Some(1.0));
+    assert_eq!(metric(&text, "relay_circuits"), Some(1.0));
+    drop(b);
+    wait_metric(&server, "relay_circuits", |v| v == 0.0).await;
+    drop(a);
+    wait_metric(&server, "relay_reservations", |v| v == 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_form_one_dht() {
+    let r1 = spawn_relay(|_| {}).await;
+    let r1_addr = r1.loopback_multiaddr();
+    let r2 = spawn_relay(move |a| a.bootstrap = vec![r1_addr]).await;
+    let r2_addr = r2.loopback_multiaddr();
+    // Relay 3 only knows relay 2: it must learn relay 1 through the DHT.
+    let r3 = spawn_relay(move |a| a.bootstrap = vec![r2_addr]).await;
+    wait_metric(&r1, "relay_connections", |v| v >= 1.0).await;
+    wait_metric(&r2, "relay_connections", |v| v >= 2.0).await;
+    wait_metric(&r3, "relay_kad_routing_peers", |v| v >= 2.0).await;
+
+    let mut c1 = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 4))).await;
+    let mut c3 = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 5))).await;
+    c1.bootstrap_via(r1.loopback_multiaddr()).await;
+    c3.bootstrap_via(r3.loopback_multiaddr()).await;
+
+    let key = syncgroup_key("federated-group");
+    let mut record = kad::Record::new(
+        key.clone(),
+        br#"{"device_name":"phone","addresses":[],"timestamp":1}"#.to_vec(),
+    );
+    record.publisher = Some(c1.peer_id);
+    c1.put_record(record).await.unwrap();
+    let found = c3.get_record(key).await;
+    assert_eq!(
+        found
+            .first()
+            .expect("client of relay 3 finds the record")
+            .record
+            .publisher,
+        Some(c1.peer_id)
+    );
+    for r in [r1, r2, r3] {
+        r.shutdown().await;
+    }
+}
