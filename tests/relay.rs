@@ -390,3 +390,58 @@ async fn three_relays_form_one_dht() {
         r.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_address_is_listed_first_and_carried_by_reservations() {
+    let external: Multiaddr = "/ip4/203.0.114.7/udp/4001/quic-v1".parse().unwrap();
+    let ext = external.clone();
+    let server = spawn_relay(move |a| a.external_addresses = vec![ext]).await;
+    let relay = server.peer_id();
+    let identity = client::fetch_identity(&server.loopback_http_url(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(identity.addresses[0], external.to_string());
+
+    let mut a = TestClient::new(None).await;
+    let info = a.connect(server.loopback_multiaddr()).await;
+    assert!(info.listen_addrs.contains(&external), "identify announces it");
+    let circuit = server.loopback_multiaddr().with(Protocol::P2pCircuit);
+    let listener = a.with(move |s| s.listen_on(circuit)).await.unwrap();
+    // The relayed address the client learns is built from the reservation's addresses.
+    let relayed = a
+        .wait("relayed listen address", |ev| match ev {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } if listener_id == listener => Some(address),
+            _ => None,
+        })
+        .await;
+    let expected = external
+        .with(Protocol::P2p(relay))
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(a.peer_id));
+    assert_eq!(relayed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_are_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = spawn_relay(|_| {}).await;
+    let addr = format!("127.0.0.1:{}", server.http_addrs()[0].port());
+    let limit = privstack_relay::defaults::HTTP_HEADER_TIMEOUT + Duration::from_secs(5);
+
+    // Connects and sends nothing; then one that never finishes its request head.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /api/v1/identity HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    for (name, stream) in [("silent", &mut silent), ("slow", &mut slow)] {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(limit, stream.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "{name} client still connected after {limit:?}");
+    }
+    server.shutdown().await;
+}
