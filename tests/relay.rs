@@ -404,7 +404,10 @@ async fn external_address_is_listed_first_and_carried_by_reservations() {
 
     let mut a = TestClient::new(None).await;
     let info = a.connect(server.loopback_multiaddr()).await;
-    assert!(info.listen_addrs.contains(&external), "identify announces it");
+    assert!(
+        info.listen_addrs.contains(&external),
+        "identify announces it"
+    );
     let circuit = server.loopback_multiaddr().with(Protocol::P2pCircuit);
     let listener = a.with(move |s| s.listen_on(circuit)).await.unwrap();
     // The relayed address the client learns is built from the reservation's addresses.
@@ -441,7 +444,10 @@ async fn slow_http_clients_are_disconnected() {
     for (name, stream) in [("silent", &mut silent), ("slow", &mut slow)] {
         let mut buf = Vec::new();
         let closed = tokio::time::timeout(limit, stream.read_to_end(&mut buf)).await;
-        assert!(closed.is_ok(), "{name} client still connected after {limit:?}");
+        assert!(
+            closed.is_ok(),
+            "{name} client still connected after {limit:?}"
+        );
     }
     server.shutdown().await;
 }
