@@ -1,0 +1,188 @@
+#!/bin/sh
+# Install privstack-relay from an unpacked release archive.
+#
+#   sudo ./install.sh                 install, create the user, enable and start the
+#                                     service, open the ports in the active firewall
+#   ./install.sh --root DIR           install into the tree DIR (an image's root file
+#                                     system); starts nothing, touches no firewall
+#   options: --no-start  --no-firewall  --help
+#
+# Idempotent: files that are already in place are left alone, an existing
+# /etc/privstack-relay/relay.env is never overwritten, and a second run changes nothing.
+set -eu
+
+usage() {
+    sed -n '2,11s/^# \{0,1\}//p' "$0"
+}
+
+ROOT=""
+START=1
+FIREWALL=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root) [ $# -ge 2 ] || { echo "install.sh: --root needs a directory" >&2; exit 2; }
+                ROOT="$2"; shift 2 ;;
+        --root=*) ROOT="${1#--root=}"; shift ;;
+        --no-start) START=0; shift ;;
+        --no-firewall) FIREWALL=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN="$HERE/privstack-relay"
+[ -f "$BIN" ] || { echo "install.sh: $BIN not found; run me from the unpacked archive" >&2; exit 1; }
+
+# The binary's architecture, from its ELF header (e_machine at offset 18).
+elf_arch() {
+    case "$(od -An -tu2 -j18 -N2 "$1" | tr -d ' ')" in
+        62) echo x86_64 ;;
+        183) echo aarch64 ;;
+        *) echo unknown ;;
+    esac
+}
+PKG_ARCH=$(elf_arch "$BIN")
+
+if [ -n "$ROOT" ]; then
+    # Building an image for another machine: the host's architecture does not matter.
+    mkdir -p "$ROOT"
+    ROOT=$(cd "$ROOT" && pwd)
+    START=0
+    FIREWALL=0
+else
+    HOST_ARCH=$(uname -m)
+    [ "$HOST_ARCH" = arm64 ] && HOST_ARCH=aarch64
+    if [ "$PKG_ARCH" != "$HOST_ARCH" ]; then
+        echo "install.sh: this package is for $PKG_ARCH but this machine is $HOST_ARCH;" >&2
+        echo "install.sh: download privstack-relay-<version>-$HOST_ARCH-unknown-linux-musl.tar.gz instead" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: run as root (sudo ./install.sh), or use --root DIR" >&2
+        exit 1
+    fi
+fi
+
+CHANGED=0
+# put SRC DST MODE: install SRC as DST unless an identical file with that mode is there.
+put() {
+    dst="$ROOT$2"
+    if [ -f "$dst" ] && cmp -s "$1" "$dst" && [ "$(stat -c %a "$dst")" = "$3" ]; then
+        return 0
+    fi
+    install -D -m "$3" "$1" "$dst"
+    echo "installed $2"
+    CHANGED=1
+}
+
+put "$BIN" /usr/local/bin/privstack-relay 755
+put "$HERE/systemd/privstack-relay.service" /etc/systemd/system/privstack-relay.service 644
+put "$HERE/systemd/privstack-relay.sysusers" /etc/sysusers.d/privstack-relay.conf 644
+put "$HERE/systemd/privstack-relay.tmpfiles" /etc/tmpfiles.d/privstack-relay.conf 644
+if [ ! -e "$ROOT/etc/privstack-relay/relay.env" ]; then
+    put "$HERE/systemd/relay.env" /etc/privstack-relay/relay.env 644
+fi
+
+# The service user and its state directory.
+has_user() {
+    if [ -n "$ROOT" ]; then
+        grep -q '^privstack:' "$ROOT/etc/passwd" 2>/dev/null
+    else
+        id privstack >/dev/null 2>&1
+    fi
+}
+if ! has_user; then
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        if [ -n "$ROOT" ]; then
+            systemd-sysusers --root="$ROOT" "$ROOT/etc/sysusers.d/privstack-relay.conf"
+        else
+            systemd-sysusers /etc/sysusers.d/privstack-relay.conf
+        fi
+    elif [ -z "$ROOT" ]; then
+        useradd --system --home-dir /var/lib/privstack --no-create-home \
+            --shell /usr/sbin/nologin --comment "PrivStack relay" privstack
+    fi
+    has_user && { echo "created user privstack"; CHANGED=1; }
+fi
+STATE="$ROOT/var/lib/privstack"
+if [ ! -d "$STATE" ]; then
+    install -d -m 750 "$STATE"
+    echo "created /var/lib/privstack"
+    CHANGED=1
+fi
+if [ -n "$ROOT" ]; then
+    uid=$(awk -F: '$1 == "privstack" { print $3 }' "$ROOT/etc/passwd" 2>/dev/null)
+    gid=$(awk -F: '$1 == "privstack" { print $4 }' "$ROOT/etc/passwd" 2>/dev/null)
+    if [ -n "$uid" ] && [ "$(stat -c %u:%g "$STATE")" != "$uid:$gid" ]; then
+        chown "$uid:$gid" "$STATE"
+        CHANGED=1
+    fi
+elif [ "$(stat -c %U "$STATE")" != privstack ]; then
+    chown privstack:privstack "$STATE"
+    CHANGED=1
+fi
+if [ "$(stat -c %a "$STATE")" != 750 ]; then
+    chmod 750 "$STATE"
+    CHANGED=1
+fi
+
+# Enable at boot: the symlink systemctl enable would make, made by hand so it also
+# works inside --root trees.
+WANTS="$ROOT/etc/systemd/system/multi-user.target.wants"
+if [ ! -L "$WANTS/privstack-relay.service" ]; then
+    mkdir -p "$WANTS"
+    ln -s /etc/systemd/system/privstack-relay.service "$WANTS/privstack-relay.service"
+    echo "enabled privstack-relay.service"
+    CHANGED=1
+fi
+
+# Ports the relay will use, from the env file if the operator set them.
+env_port() {
+    v=$(sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p" "$ROOT/etc/privstack-relay/relay.env" 2>/dev/null | tail -n1)
+    echo "${v:-$2}"
+}
+QUIC_PORT=$(env_port PRIVSTACK_RELAY_PORT 4001)
+HTTP_PORT=$(env_port PRIVSTACK_RELAY_HTTP_PORT 4002)
+
+open_ports() {
+    if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q 'Status: active'; then
+        ufw allow "$QUIC_PORT/udp" >/dev/null
+        ufw allow "$HTTP_PORT/tcp" >/dev/null
+        echo "ufw: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
+    elif command -v firewall-cmd >/dev/null 2>&1 && firewall-cmd --state >/dev/null 2>&1; then
+        firewall-cmd --quiet --permanent --add-port="$QUIC_PORT/udp" --add-port="$HTTP_PORT/tcp"
+        firewall-cmd --quiet --reload
+        echo "firewalld: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
+    elif command -v nft >/dev/null 2>&1 && nft list chain inet filter input >/dev/null 2>&1; then
+        if ! nft list chain inet filter input | grep -q 'comment "privstack-relay"'; then
+            nft add rule inet filter input udp dport "$QUIC_PORT" accept comment '"privstack-relay"'
+            nft add rule inet filter input tcp dport "$HTTP_PORT" accept comment '"privstack-relay"'
+        fi
+        echo "nftables: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp in inet filter input"
+        echo "nftables: add the same rules to /etc/nftables.conf to keep them after a reboot"
+    else
+        echo "no active firewall found (ufw, firewalld, nftables inet filter);"
+        echo "make sure $QUIC_PORT/udp and $HTTP_PORT/tcp are reachable"
+    fi
+}
+
+if [ -z "$ROOT" ]; then
+    systemctl daemon-reload
+    [ "$FIREWALL" -eq 1 ] && open_ports
+    if [ "$START" -eq 1 ]; then
+        if [ "$CHANGED" -eq 1 ]; then
+            systemctl restart privstack-relay.service
+        else
+            systemctl start privstack-relay.service
+        fi
+        sleep 1
+        systemctl --no-pager --lines=0 status privstack-relay.service || true
+        echo "peer ID: $(runuser -u privstack -- /usr/local/bin/privstack-relay keygen \
+            --identity /var/lib/privstack/relay-identity.key 2>/dev/null || echo unknown)"
+    fi
+fi
+
+if [ "$CHANGED" -eq 0 ]; then
+    echo "privstack-relay is already installed; nothing changed"
+fi
