@@ -13,7 +13,9 @@ use privstack_relay::config::{Command, KeygenArgs, ProbeArgs, RunArgs};
 use privstack_relay::identity::{self, KeySource};
 use privstack_relay::{Cli, Config, Server, notify, probe};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -34,16 +36,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log to stderr: `-v` is debug, `RUST_LOG` (`level` or `target=level,...`) overrides.
+/// `Targets` rather than `EnvFilter`: the same directives without a regex engine.
 fn init_logging(verbose: bool, quiet_level: &str) {
+    let default: Targets = (if verbose { "debug" } else { quiet_level })
+        .parse()
+        .expect("valid default filter");
+    let mut bad_rust_log = None;
     let filter = match std::env::var("RUST_LOG") {
-        Ok(s) if !s.is_empty() => EnvFilter::new(s),
-        _ => EnvFilter::new(if verbose { "debug" } else { quiet_level }),
+        Ok(s) if !s.is_empty() => s.parse().unwrap_or_else(|e| {
+            bad_rust_log = Some(format!("ignoring RUST_LOG={s:?}: {e}"));
+            default
+        }),
+        _ => default,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .with(filter)
         .init();
+    if let Some(msg) = bad_rust_log {
+        tracing::warn!("{msg}");
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
