@@ -451,3 +451,75 @@ async fn slow_http_clients_are_disconnected() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_limits_come_from_the_flags() {
+    let server = spawn_relay(|a| {
+        a.max_reservations = 1;
+        a.max_circuit_bytes = 64 * 1024;
+    })
+    .await;
+    let relay_addr = server.loopback_multiaddr();
+
+    async fn reserve(c: &mut TestClient, relay_addr: &Multiaddr) -> Result<(), String> {
+        c.connect(relay_addr.clone()).await;
+        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+        let listener = c.with(move |s| s.listen_on(circuit)).await.unwrap();
+        c.wait("reservation outcome", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { .. },
+            )) => Some(Ok(())),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } if listener_id == listener => Some(Err(format!("{reason:?}"))),
+            _ => None,
+        })
+        .await
+    }
+
+    // Distinct source addresses, so only the reservation limit can refuse B.
+    let mut a = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 6))).await;
+    let mut b = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 7))).await;
+    reserve(&mut a, &relay_addr)
+        .await
+        .expect("first reservation");
+    let denied = reserve(&mut b, &relay_addr).await.unwrap_err();
+    assert!(denied.contains("ResourceLimitExceeded"), "{denied}");
+
+    // A circuit to A is cut once it has carried --max-circuit-bytes.
+    let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
+    let a_id = a.peer_id;
+    let target = relay_addr
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(a_id));
+    b.with(move |s| s.dial(target)).await.unwrap();
+    b.wait("relayed connection", |ev| match ev {
+        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == a_id => Some(()),
+        _ => None,
+    })
+    .await;
+    let reader = tokio::spawn(async move {
+        let (_, mut s) = incoming.next().await.unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        got.len()
+    });
+    let mut control = b.control.clone();
+    let writer = tokio::spawn(async move {
+        let mut stream = control.open_stream(a_id, TRANSFER_PROTOCOL).await.unwrap();
+        let _ = stream.write_all(&vec![7u8; 1024 * 1024]).await;
+        let _ = stream.close().await;
+    });
+    let received = tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("the cut circuit ends the stream")
+        .unwrap();
+    assert!(
+        received < 1024 * 1024,
+        "1 MiB crossed a circuit limited to 64 KiB"
+    );
+    writer.abort();
+    server.shutdown().await;
+}
