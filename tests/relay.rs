@@ -61,6 +61,16 @@ async fn identity_api_matches_what_a_client_authenticates() {
         .with(Protocol::P2p(peer_id.parse().unwrap()));
     let mut c = TestClient::new(None).await;
     let info = c.connect(loopback).await;
+    // The IPv6 listener answers too, on the same port (when the host has IPv6).
+    if server.quic_addrs().iter().any(|a| a.is_ipv6()) {
+        assert_eq!(server.quic_addrs()[1].port(), port);
+        let v6: Multiaddr = format!("/ip6/::1/udp/{port}/quic-v1/p2p/{peer_id}")
+            .parse()
+            .unwrap();
+        let mut c6 = TestClient::new(None).await;
+        let info6 = c6.connect(v6).await;
+        assert_eq!(info6.public_key.to_peer_id().to_string(), peer_id);
+    }
     assert_eq!(info.public_key.to_peer_id().to_string(), peer_id);
     assert_eq!(info.protocol_version, obj["protocol_version"]);
     assert_eq!(info.agent_version, obj["agent_version"]);
