@@ -67,7 +67,7 @@ build() {
                     ;;
                 *) echo "build.sh: no native recipe for $target" >&2; exit 1 ;;
             esac
-            export "CFLAGS_$tvar=-O2 $CREMAP"
+            export "CFLAGS_$tvar=$CREMAP"
             cargo build --release --locked --target "$target"
             ;;
         prebuilt) ;;
