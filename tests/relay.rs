@@ -9,7 +9,7 @@ use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, kad, relay};
+use libp2p::{Multiaddr, kad};
 use privstack_relay::client;
 use sha2::Digest;
 
@@ -281,40 +281,16 @@ async fn circuit_carries_64_mib_each_way() {
     const SIZE: usize = 64 * 1024 * 1024;
     let server = spawn_relay(|_| {}).await;
     let relay_addr = server.loopback_multiaddr();
-    let relay = server.peer_id();
 
     // Neither A nor B listens directly, so their only path is the circuit.
     let mut a = TestClient::new(None).await;
     let mut b = TestClient::new(None).await;
-    a.connect(relay_addr.clone()).await;
-    let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
-    a.with(move |s| s.listen_on(circuit)).await.unwrap();
-    a.wait("reservation accepted", |ev| match ev {
-        SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
-            relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
-        )) if relay_peer_id == relay => Some(()),
-        _ => None,
-    })
-    .await;
+    a.reserve(&relay_addr).await.expect("reservation accepted");
     wait_metric(&server, "relay_reservations", |v| v == 1.0).await;
 
     let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
     let a_id = a.peer_id;
-    let target = relay_addr
-        .with(Protocol::P2pCircuit)
-        .with(Protocol::P2p(a_id));
-    b.with(move |s| s.dial(target)).await.unwrap();
-    let endpoint = b
-        .wait("relayed connection to A", |ev| match ev {
-            SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } if peer_id == a_id => Some(endpoint),
-            SwarmEvent::OutgoingConnectionError { error, .. } => {
-                panic!("relayed dial failed: {error}")
-            }
-            _ => None,
-        })
-        .await;
+    let endpoint = b.dial_via_circuit(&relay_addr, a_id).await;
     assert!(endpoint.is_relayed());
 
     let data = |seed: u8| -> Vec<u8> {
@@ -471,45 +447,17 @@ async fn relay_limits_come_from_the_flags() {
     .await;
     let relay_addr = server.loopback_multiaddr();
 
-    async fn reserve(c: &mut TestClient, relay_addr: &Multiaddr) -> Result<(), String> {
-        c.connect(relay_addr.clone()).await;
-        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
-        let listener = c.with(move |s| s.listen_on(circuit)).await.unwrap();
-        c.wait("reservation outcome", |ev| match ev {
-            SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
-                relay::client::Event::ReservationReqAccepted { .. },
-            )) => Some(Ok(())),
-            SwarmEvent::ListenerClosed {
-                listener_id,
-                reason,
-                ..
-            } if listener_id == listener => Some(Err(format!("{reason:?}"))),
-            _ => None,
-        })
-        .await
-    }
-
     // Distinct source addresses, so only the reservation limit can refuse B.
     let mut a = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 6))).await;
     let mut b = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 7))).await;
-    reserve(&mut a, &relay_addr)
-        .await
-        .expect("first reservation");
-    let denied = reserve(&mut b, &relay_addr).await.unwrap_err();
+    a.reserve(&relay_addr).await.expect("first reservation");
+    let denied = b.reserve(&relay_addr).await.unwrap_err();
     assert!(denied.contains("ResourceLimitExceeded"), "{denied}");
 
     // A circuit to A is cut once it has carried --max-circuit-bytes.
     let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
     let a_id = a.peer_id;
-    let target = relay_addr
-        .with(Protocol::P2pCircuit)
-        .with(Protocol::P2p(a_id));
-    b.with(move |s| s.dial(target)).await.unwrap();
-    b.wait("relayed connection", |ev| match ev {
-        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == a_id => Some(()),
-        _ => None,
-    })
-    .await;
+    b.dial_via_circuit(&relay_addr, a_id).await;
     let reader = tokio::spawn(async move {
         let (_, mut s) = incoming.next().await.unwrap();
         let mut got = Vec::new();

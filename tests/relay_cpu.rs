@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, relay};
+use libp2p::{Multiaddr, PeerId};
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -67,27 +65,10 @@ async fn relay_cpu_per_gib() {
 
     let mut a = TestClient::new(None).await;
     let mut b = TestClient::new(None).await;
-    a.connect(relay_addr.clone()).await;
-    let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
-    a.with(move |s| s.listen_on(circuit)).await.unwrap();
-    a.wait("reservation", |ev| match ev {
-        SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
-            relay::client::Event::ReservationReqAccepted { .. },
-        )) => Some(()),
-        _ => None,
-    })
-    .await;
+    a.reserve(&relay_addr).await.expect("reservation");
     let a_id = a.peer_id;
     let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
-    let target = relay_addr
-        .with(Protocol::P2pCircuit)
-        .with(Protocol::P2p(a_id));
-    b.with(move |s| s.dial(target)).await.unwrap();
-    b.wait("relayed connection", |ev| match ev {
-        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == a_id => Some(()),
-        _ => None,
-    })
-    .await;
+    b.dial_via_circuit(&relay_addr, a_id).await;
 
     let reader = tokio::spawn(async move {
         let (_, mut s) = incoming.next().await.unwrap();

@@ -293,6 +293,54 @@ impl TestClient {
     }
 }
 
+impl TestClient {
+    /// Connect to the relay and reserve a slot there (`listen_on .../p2p-circuit`);
+    /// `Err` carries the reason the relay refused.
+    pub async fn reserve(&mut self, relay_addr: &Multiaddr) -> Result<(), String> {
+        let Some(Protocol::P2p(relay)) = relay_addr.iter().last() else {
+            panic!("{relay_addr} has no /p2p/");
+        };
+        self.connect(relay_addr.clone()).await;
+        let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
+        let listener = self.with(move |s| s.listen_on(circuit)).await.unwrap();
+        self.wait("reservation outcome", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) if relay_peer_id == relay => Some(Ok(())),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } if listener_id == listener => Some(Err(format!("{reason:?}"))),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Dial `target` through the relay's circuit; returns the connection's endpoint.
+    pub async fn dial_via_circuit(
+        &mut self,
+        relay_addr: &Multiaddr,
+        target: PeerId,
+    ) -> libp2p::core::ConnectedPoint {
+        let addr = relay_addr
+            .clone()
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(target));
+        self.with(move |s| s.dial(addr)).await.unwrap();
+        self.wait("relayed connection", |ev| match ev {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } if peer_id == target => Some(endpoint),
+            SwarmEvent::OutgoingConnectionError { error, .. } => {
+                panic!("relayed dial failed: {error}")
+            }
+            _ => None,
+        })
+        .await
+    }
+}
+
 /// PrivStack's record key: `/privstack/syncgroup/` + SHA-256(normalised sync code).
 pub fn syncgroup_key(code: &str) -> kad::RecordKey {
     use sha2::Digest;
