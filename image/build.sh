@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Build the appliance images into dist/.
+#
+#   image/build.sh [VARIANT...]      (default: every file in image/variants/)
+#
+# Each variant (image/variants/VARIANT.conf) becomes
+#   privstack-relay-VERSION-VARIANT.img.xz   (raw disk image, xz-compressed)
+#   privstack-relay-VERSION-VARIANT.qcow2    (where the variant says QCOW2=yes)
+# with a .sha256 beside each, and DIST/SHA256SUMS is rewritten.
+#
+# Needs root (mmdebstrap --mode=root), the
+# packages image/deps.sh installs, and the relay's release archive for the variant's
+# architecture in DIST (release/build.sh makes it): the relay is installed into the
+# image by that archive's install.sh --root, the same code path as on a VPS.
+#
+# Environment:
+#   DIST      output directory and where the release archives are (default: dist)
+#   VERSION   version in the file names (default: Cargo.toml's)
+#   MIRROR    Debian mirror (default: http://deb.debian.org/debian)
+#   SECURITY_MIRROR  (default: http://deb.debian.org/debian-security)
+#   SUITE     Debian release (default: trixie)
+#   WORKDIR   scratch space, several GiB (default: a new directory under /var/tmp)
+#   KEEP=1    keep the uncompressed .img in DIST (the boot tests use it)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+SRC=$(pwd)
+CARGO_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+VERSION=${VERSION:-$CARGO_VERSION}
+DIST=${DIST:-dist}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+SUITE=${SUITE:-trixie}
+KEEP=${KEEP:-0}
+
+die() { echo "image/build.sh: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "must run as root (mmdebstrap --mode=root)"
+for tool in mmdebstrap sfdisk mkfs.vfat mcopy mke2fs python3 xz qemu-img; do
+    command -v "$tool" >/dev/null || die "$tool not found: run image/deps.sh"
+done
+
+if [ $# -eq 0 ]; then
+    set -- $(cd image/variants && ls *.conf | sed 's/\.conf$//')
+fi
+mkdir -p "$DIST"
+DIST=$(cd "$DIST" && pwd)
+WORKDIR=${WORKDIR:-$(mktemp -d /var/tmp/privstack-image.XXXXXX)}
+mkdir -p "$WORKDIR"
+
+# Packages every image has; the variant adds its kernel and boot loader.
+BASE_PACKAGES="systemd systemd-sysv udev dbus systemd-resolved systemd-timesyncd
+systemd-repart nftables netbase kmod initramfs-tools zstd iproute2 procps
+openssh-server unattended-upgrades ca-certificates"
+
+# Left out of every package, now and on upgrades (the dpkg setting stays in the image):
+# documentation, translations, and kernel modules for hardware a relay never has.
+DPKG_EXCLUDES="/usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/*
+/usr/share/lintian/* /usr/lib/modules/*/kernel/sound/* /usr/lib/modules/*/kernel/drivers/gpu/*
+/usr/lib/modules/*/kernel/drivers/media/* /usr/lib/modules/*/kernel/drivers/net/wireless/*
+/usr/lib/modules/*/kernel/net/wireless/* /usr/lib/modules/*/kernel/net/mac80211/*
+/usr/lib/modules/*/kernel/net/bluetooth/* /usr/lib/modules/*/kernel/drivers/bluetooth/*
+/usr/lib/modules/*/kernel/drivers/infiniband/* /usr/lib/modules/*/kernel/drivers/iio/*
+/usr/lib/modules/*/kernel/drivers/comedi/* /usr/lib/modules/*/kernel/drivers/staging/*
+/usr/lib/modules/*/kernel/drivers/isdn/*"
+
+# A stable UUID per version and variant (identical rebuilds, no random disk IDs).
+derived_uuid() {
+    local h
+    h=$(printf 'privstack-relay %s' "$*" | sha256sum | cut -c1-32)
+    echo "${h:0:8}-${h:8:4}-4${h:13:3}-8${h:17:3}-${h:20:12}"
+}
+
+build_variant() (
+    local variant=$1
+    local conf="$SRC/image/variants/$variant.conf"
+    [ -f "$conf" ] || die "no variant $variant (image/variants/$variant.conf)"
+    # shellcheck source=/dev/null
+    . "$conf"
+    local name="privstack-relay-$VERSION-$variant"
+    local archive="$DIST/privstack-relay-$VERSION-$RUST_TARGET.tar.gz"
+    [ -f "$archive" ] || die "$archive not found: run release/build.sh first"
+
+    local work="$WORKDIR/$variant" start=$SECONDS
+    rm -rf "$work"
+    mkdir -p "$work"
+    local root="$work/root"
+
+    export IMAGE_SRC="$SRC" IMAGE_VARIANT="$variant" IMAGE_WORK="$work" IMAGE_ARCHIVE="$archive"
+    export IMAGE_ROOT_UUID IMAGE_FAT_ID IMAGE_VERSION="$VERSION"
+    IMAGE_ROOT_UUID=$(derived_uuid "$VERSION $variant root")
+    IMAGE_FAT_ID=$(printf 'privstack-relay %s %s fat' "$VERSION" "$variant" | sha256sum | cut -c1-8)
+    export DEB_ARCH BOOT GRUB_EFI_TARGET GRUB_EFI_NAME FAT_MOUNT FAT_MIB ROOT_TYPE ROOT_LABEL CMDLINE INITRD_MODULES
+
+    local opts=()
+    set -f  # the patterns are for dpkg, not for this shell
+    for p in $DPKG_EXCLUDES; do opts+=("--dpkgopt=path-exclude=$p"); done
+    set +f
+    opts+=("--dpkgopt=path-include=/usr/share/locale/locale.alias")
+
+    echo "== $name: root file system ($SUITE, $DEB_ARCH)"
+    mmdebstrap --mode=root --variant=minbase --architectures="$DEB_ARCH" \
+        --include="$(echo $BASE_PACKAGES $PACKAGES | tr ' ' ',')" \
+        "${opts[@]}" \
+        --setup-hook="$SRC/image/hooks/setup.sh \"\$1\"" \
+        --customize-hook="$SRC/image/hooks/customize.sh \"\$1\"" \
+        "$SUITE" "$root" \
+        "deb $MIRROR $SUITE ${COMPONENTS:-main}" \
+        "deb $MIRROR $SUITE-updates ${COMPONENTS:-main}" \
+        "deb $SECURITY_MIRROR $SUITE-security ${COMPONENTS:-main}"
+
+    # Every written copy of the image is a new machine: its machine ID (and with it the
+    # DHCP client identity) is made at first boot, which is also what the first-boot
+    # unit's ConditionFirstBoot keys on. (After mmdebstrap: its cleanup empties the file.)
+    printf 'uninitialized\n' > "$root/etc/machine-id"
+    rm -f "$root/var/lib/dbus/machine-id"
+    rm -f "$root"/var/cache/apt/archives/*.deb
+
+    echo "== $name: disk"
+    "$SRC/image/hooks/assemble.sh" "$root" "$work/$name.img"
+
+    echo "== $name: compress"
+    xz -T0 -6 -c "$work/$name.img" > "$DIST/$name.img.xz"
+    (cd "$DIST" && sha256sum "$name.img.xz" > "$name.img.xz.sha256")
+    if [ "${QCOW2:-no}" = yes ]; then
+        qemu-img convert -O qcow2 -c "$work/$name.img" "$DIST/$name.qcow2"
+        (cd "$DIST" && sha256sum "$name.qcow2" > "$name.qcow2.sha256")
+    fi
+    if [ "$KEEP" = 1 ]; then
+        mv "$work/$name.img" "$DIST/$name.img"
+    fi
+    rm -rf "$work"
+    echo "== $name: done in $((SECONDS - start)) s"
+    ls -l "$DIST/$name".*
+)
+
+for variant in "$@"; do
+    build_variant "$variant"
+done
+
+(cd "$DIST" && find . -maxdepth 1 -type f ! -name SHA256SUMS ! -name '*.sha256' ! -name '*.img' -printf '%P\n' \
+    | LC_ALL=C sort | xargs -r sha256sum > SHA256SUMS)
+rmdir "$WORKDIR" 2>/dev/null || true

@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Boot the appliance images under qemu (TCG) and check them as an operator would.
+
+    image/test.py [CASE...]    CASE = x86_64-bios | x86_64-uefi | aarch64-uefi | aarch64-rpi
+                               (default: every case whose image is in DIST)
+
+Each case boots a copy of DIST/privstack-relay-VERSION-VARIANT.img (KEEP=1
+image/build.sh leaves it there, else the .img.xz is unpacked), grown by 1 GiB, with
+an SSH public key placed on its FAT partition, 4001/udp, 4002/tcp and 22/tcp
+forwarded from free ports on 127.0.0.1, and checks:
+  - GET /api/v1/identity answers (the time from qemu start is printed);
+  - `privstack-relay probe` (the x86_64 release binary) dials the forwarded QUIC
+    port expecting the API's peer ID: QUIC, identify, a relay reservation;
+  - SSH with the provisioned key works; `systemctl --failed` is empty; the key file
+    is 0600 and owned by the service user; the root file system grew to the disk;
+  - a listener started inside on a port the firewall does not open is reachable
+    from inside and not from outside;
+  - the boot partition holds privstack-relay.txt with the peer ID;
+  - after a reboot the peer ID is the same and the first-boot unit did not run;
+  - after power-off the peer ID file reads from the image with mtools (what someone
+    who flashed an SD card sees on another computer).
+Environment: DIST (default dist), VERSION (default Cargo.toml's), RELAY_BIN (the
+host's privstack-relay for probe; default: from DIST's x86_64 archive),
+BOOT_TIMEOUT (seconds per boot, default 300), LOGS (serial console logs, default
+target/image-test).
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent
+DIST = Path(os.environ.get("DIST", SRC / "dist")).resolve()
+VERSION = os.environ.get("VERSION") or re.search(
+    r'^version = "(.*)"$', (SRC / "Cargo.toml").read_text(), re.M).group(1)
+BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "300"))
+LOGS = Path(os.environ.get("LOGS", SRC / "target" / "image-test")).resolve()
+GROW = 1 << 30
+CLOSED_PORT = 8080  # a port the firewall does not open
+
+CASES = {
+    "x86_64-bios": dict(variant="x86_64", fat_mount="/boot/efi", qemu=[
+        "qemu-system-x86_64", "-machine", "q35", "-cpu", "max"]),
+    "x86_64-uefi": dict(variant="x86_64", fat_mount="/boot/efi", qemu=[
+        "qemu-system-x86_64", "-machine", "q35", "-cpu", "max",
+        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "-drive", "if=pflash,format=raw,unit=1,file={vars}"], vars="/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    "aarch64-uefi": dict(variant="aarch64-uefi", fat_mount="/boot/efi", qemu=[
+        "qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a57",
+        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd",
+        "-drive", "if=pflash,format=raw,unit=1,file={vars}"], vars="/usr/share/AAVMF/AAVMF_VARS.fd"),
+    # qemu's raspi3b cannot run the Pi's GPU firmware (bootcode.bin, start*.elf), so
+    # qemu loads what that firmware would: the kernel, initramfs, device tree and
+    # command line named by config.txt and cmdline.txt on the image's FAT partition.
+    # 4 cores and 1 GiB are fixed by the board; the SD card, an SD card's size (a power
+    # of two); the network, a USB (RNDIS) adapter on the board's dwc2 controller.
+    "aarch64-rpi": dict(variant="aarch64-rpi", fat_mount="/boot/firmware", board="raspi3b", qemu=[
+        "qemu-system-aarch64", "-machine", "raspi3b"]),
+}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, timeout=60, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise CheckFailed(f"{' '.join(map(str, cmd))} exited {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+def fat_offset(image: Path) -> int:
+    """Byte offset of the image's FAT partition (the ESP, or the first on MBR)."""
+    table = json.loads(run(["sfdisk", "--json", str(image)]).stdout)["partitiontable"]
+    for part in table["partitions"]:
+        if part.get("name") == "esp" or part["type"].lower() in ("c", "b", "ef"):
+            return part["start"] * table.get("sectorsize", 512)
+    raise CheckFailed(f"{image}: no FAT partition")
+
+
+def relay_bin(tmp: Path) -> Path:
+    if os.environ.get("RELAY_BIN"):
+        return Path(os.environ["RELAY_BIN"])
+    archive = DIST / f"privstack-relay-{VERSION}-x86_64-unknown-linux-musl.tar.gz"
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/privstack-relay"))
+        tar.extract(member, tmp, filter="data")
+    return tmp / member.name
+
+
+def base_image(variant: str, tmp: Path) -> Path:
+    raw = DIST / f"privstack-relay-{VERSION}-{variant}.img"
+    if raw.exists():
+        return raw
+    xz = raw.with_name(raw.name + ".xz")
+    if not xz.exists():
+        raise FileNotFoundError(f"{raw} (or .xz) not found: run image/build.sh {variant}")
+    out = tmp / raw.name
+    with open(out, "wb") as f:
+        subprocess.run(["xz", "-dc", str(xz)], stdout=f, check=True)
+    return out
+
+
+class Machine:
+    """One qemu guest with forwarded ports and a serial log."""
+
+    def __init__(self, case: str, spec: dict, disk: Path, tmp: Path):
+        self.case, self.spec, self.disk, self.tmp = case, spec, disk, tmp
+        self.quic = free_port(socket.SOCK_DGRAM)
+        self.http = free_port(socket.SOCK_STREAM)
+        self.ssh_port = free_port(socket.SOCK_STREAM)
+        self.closed = free_port(socket.SOCK_STREAM)
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.serial = LOGS / f"{case}-serial.log"
+        self.key = tmp / "id_ed25519"
+        self.proc = None
+
+    def start(self) -> None:
+        vars_copy = self.tmp / f"{self.case}-vars.fd"
+        if "vars" in self.spec:
+            shutil.copyfile(self.spec["vars"], vars_copy)
+        fwd = (f"hostfwd=udp:127.0.0.1:{self.quic}-:4001,hostfwd=tcp:127.0.0.1:{self.http}-:4002,"
+               f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,hostfwd=tcp:127.0.0.1:{self.closed}-:{CLOSED_PORT}")
+        cmd = [a.format(vars=vars_copy) for a in self.spec["qemu"]] + [
+            "-accel", "tcg", "-display", "none", "-monitor", "none", "-netdev", f"user,id=net0,{fwd}"]
+        if self.spec.get("board") == "raspi3b":
+            kernel, initrd, dtb, cmdline = self.pi_boot_files()
+            cmd += ["-kernel", kernel, "-initrd", initrd, "-dtb", dtb, "-append", cmdline,
+                    "-drive", f"file={self.disk},format=raw,if=sd",
+                    # serial0 of the Pi's device tree is the mini UART, qemu's second.
+                    "-serial", "null", "-serial", f"file:{self.serial}",
+                    "-usb", "-device", "usb-net,netdev=net0"]
+        else:
+            cmd += ["-smp", "2", "-m", "1024", "-serial", f"file:{self.serial}",
+                    "-drive", f"file={self.disk},format=raw,if=virtio",
+                    "-device", "virtio-net-pci,netdev=net0"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.tmp / f"{self.case}-qemu.err", "w"),
+                                     start_new_session=True)
+
+    def pi_boot_files(self) -> tuple[str, str, str, str]:
+        fat = f"{self.disk}@@{fat_offset(self.disk)}"
+        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        config = run(["mtype", "-i", fat, "::config.txt"], env=env).stdout
+        kernel = re.search(r"^kernel=(\S+)", config, re.M).group(1)
+        initrd = re.search(r"^initramfs (\S+)", config, re.M).group(1)
+        cmdline = run(["mtype", "-i", fat, "::cmdline.txt"], env=env).stdout.strip()
+        dtb = "bcm2837-rpi-3-b.dtb"
+        for name in (kernel, initrd, dtb):
+            run(["mcopy", "-o", "-i", fat, f"::{name}", str(self.tmp / name)], env=env)
+        return str(self.tmp / kernel), str(self.tmp / initrd), str(self.tmp / dtb), cmdline
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            err = (self.tmp / f"{self.case}-qemu.err").read_text().strip()
+            raise CheckFailed(f"qemu exited with {self.proc.returncode}: {err}")
+
+    def identity(self, deadline: float) -> dict:
+        """Wait for a real answer from the identity API (slirp accepts connections
+        before the guest listens, so a connect proves nothing)."""
+        url = f"http://127.0.0.1:{self.http}/api/v1/identity"
+        while True:
+            self.alive()
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return json.loads(r.read())
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    raise CheckFailed(f"{url} did not answer in {BOOT_TIMEOUT:.0f} s")
+                time.sleep(1)
+
+    def ssh(self, command: str, timeout=60, check=True) -> str:
+        p = run(["ssh", "-i", str(self.key), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "root@127.0.0.1", command],
+                timeout=timeout, check=check)
+        return p.stdout.strip()
+
+    def wait_ssh(self, deadline: float) -> None:
+        while True:
+            self.alive()
+            try:
+                self.ssh("true", timeout=30)
+                return
+            except (CheckFailed, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise CheckFailed("SSH with the provisioned key did not work")
+                time.sleep(2)
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        raise CheckFailed(what)
+    log(f"  ok: {what}")
+
+
+def boot_case(case: str, tmp: Path, relay: Path) -> dict:
+    spec = CASES[case]
+    base = base_image(spec["variant"], tmp)
+    disk = tmp / f"{case}.img"
+    run(["cp", "--sparse=always", str(base), str(disk)])
+    base_root = max(p["size"] for p in json.loads(run(["sfdisk", "--json", str(disk)]).stdout)
+                    ["partitiontable"]["partitions"]) * 512
+    size = disk.stat().st_size + GROW
+    if spec.get("board"):
+        size = 1 << (size - 1).bit_length()  # an SD card's size
+    with open(disk, "r+b") as f:
+        f.truncate(size)
+
+    m = Machine(case, spec, disk, tmp)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(m.key)]) if not m.key.exists() else None
+    fat = f"{disk}@@{fat_offset(disk)}"
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    run(["mcopy", "-o", "-i", fat, f"{m.key}.pub", "::authorized_keys"], env=env)
+
+    figures = {}
+    try:
+        log(f"{case}: booting {base.name} ({m.serial})")
+        started = time.monotonic()
+        m.start()
+        ident = m.identity(started + BOOT_TIMEOUT)
+        figures["first boot to API (s)"] = round(time.monotonic() - started, 1)
+        peer = ident["peer_id"]
+        log(f"  ok: identity API answered after {figures['first boot to API (s)']} s: {peer}")
+
+        target = f"/ip4/127.0.0.1/udp/{m.quic}/quic-v1/p2p/{peer}"
+        probe = run([str(relay), "probe", "--timeout", "30", target], timeout=90, check=False)
+        check(probe.returncode == 0 and "OK" in probe.stdout,
+              f"probe over the forwarded QUIC port reached peer {peer} and reserved a slot"
+              + ("" if probe.returncode == 0 else f"\n{probe.stdout}{probe.stderr}"))
+
+        m.wait_ssh(time.monotonic() + 120)
+        log("  ok: SSH with the key from the boot partition")
+        state = m.ssh("systemctl is-system-running --wait", timeout=180, check=False)
+        failed = m.ssh("systemctl --failed --plain --no-legend")
+        check(failed == "" and state == "running", f"no failed units (system {state!r}; failed: {failed!r})")
+        key = m.ssh("stat -c '%a %U' /var/lib/privstack/relay-identity.key")
+        check(key == "600 privstack", f"identity key is 0600 and owned by privstack ({key})")
+        size = int(m.ssh("findmnt -bno SIZE /"))
+        check(size > base_root + GROW // 2, f"root file system grew to the disk ({base_root >> 20} -> {size >> 20} MiB)")
+        txt = m.ssh(f"cat {spec['fat_mount']}/privstack-relay.txt")
+        check(f"Peer ID: {peer}" in txt, "privstack-relay.txt on the boot partition names the peer ID")
+
+        m.ssh(f"systemd-run --unit=closed-port-test python3 -m http.server {CLOSED_PORT}")
+        inside = m.ssh(f"for i in $(seq 20); do python3 -c 'import urllib.request as u; "
+                       f"u.urlopen(\"http://127.0.0.1:{CLOSED_PORT}/\", timeout=2)' 2>/dev/null "
+                       f"&& echo up && break; sleep 0.5; done")
+        check(inside == "up", f"a listener on {CLOSED_PORT}/tcp answers inside the machine")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{m.closed}/", timeout=5).read()
+            reached = True
+        except OSError:
+            reached = False
+        check(not reached, f"port {CLOSED_PORT}/tcp is closed from outside by the firewall")
+
+        boot_id = m.ssh("cat /proc/sys/kernel/random/boot_id")
+        m.ssh("systemctl reboot", check=False)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            m.alive()
+            try:
+                if m.ssh("cat /proc/sys/kernel/random/boot_id", timeout=30) != boot_id:
+                    break
+            except (CheckFailed, subprocess.TimeoutExpired):
+                pass
+            if time.monotonic() > deadline:
+                raise CheckFailed("the machine did not come back after a reboot")
+            time.sleep(2)
+        again = m.identity(time.monotonic() + BOOT_TIMEOUT)
+        check(again["peer_id"] == peer, "peer ID unchanged after a reboot")
+        ran = m.ssh("systemctl show -P ConditionResult privstack-relay-firstboot.service")
+        check(ran == "no", "first-boot unit did not run again after the reboot")
+
+        m.ssh("systemctl poweroff", check=False)
+        try:
+            m.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed("the machine did not power off")
+        txt = run(["mtype", "-i", fat, "::privstack-relay.txt"], env=env).stdout
+        check(f"Peer ID: {peer}" in txt, "privstack-relay.txt reads from the powered-off image")
+    except Exception:
+        log(f"--- {case}: last lines of the serial console ---")
+        if m.serial.exists():
+            log("\n".join(m.serial.read_text(errors="replace").splitlines()[-60:]))
+        raise
+    finally:
+        m.kill()
+        disk.unlink(missing_ok=True)
+    return figures
+
+
+def main() -> int:
+    cases = sys.argv[1:] or [c for c, s in CASES.items()
+                             if (DIST / f"privstack-relay-{VERSION}-{s['variant']}.img").exists()
+                             or (DIST / f"privstack-relay-{VERSION}-{s['variant']}.img.xz").exists()]
+    for c in cases:
+        if c not in CASES:
+            print(f"image/test.py: unknown case {c} (known: {', '.join(CASES)})", file=sys.stderr)
+            return 2
+    if not cases:
+        print(f"image/test.py: no images in {DIST}: run image/build.sh", file=sys.stderr)
+        return 1
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="privstack-image-test.") as t:
+        tmp = Path(t)
+        relay = relay_bin(tmp)
+        for case in cases:
+            try:
+                results[case] = boot_case(case, tmp, relay)
+            except (CheckFailed, subprocess.TimeoutExpired) as e:
+                print(f"FAIL {case}: {e}", file=sys.stderr)
+                return 1
+    for case, figures in results.items():
+        log(f"PASS {case}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
