@@ -6,8 +6,10 @@
 
 Each case boots a copy of DIST/privstack-relay-VERSION-VARIANT.img (KEEP=1
 image/build.sh leaves it there, else the .img.xz is unpacked), grown by 1 GiB, with
-an SSH public key placed on its FAT partition, 4001/udp, 4002/tcp and 22/tcp
-forwarded from free ports on 127.0.0.1, and checks:
+an SSH public key placed on its FAT partition (x86_64-bios also gets a
+privstack-relay.env moving the relay to 4101/4102 with a public address, x86_64-uefi
+a malformed one), the relay's ports (4001/udp, 4002/tcp) and 22/tcp forwarded from
+free ports on 127.0.0.1, and checks:
   - GET /api/v1/identity answers (the time from qemu start is printed);
   - `privstack-relay probe` (the x86_64 release binary) dials the forwarded QUIC
     port expecting the API's peer ID: QUIC, identify, a relay reservation;
@@ -46,12 +48,20 @@ BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "300"))
 LOGS = Path(os.environ.get("LOGS", SRC / "target" / "image-test")).resolve()
 GROW = 1 << 30
 CLOSED_PORT = 8080  # a port the firewall does not open
+EXTERNAL = "/ip4/203.0.113.7/udp/4101/quic-v1"
 
 CASES = {
-    "x86_64-bios": dict(variant="x86_64", fat_mount="/boot/efi", qemu=[
-        "qemu-system-x86_64", "-machine", "q35", "-cpu", "max"]),
-    "x86_64-uefi": dict(variant="x86_64", fat_mount="/boot/efi", qemu=[
-        "qemu-system-x86_64", "-machine", "q35", "-cpu", "max",
+    # Provisioned relay settings (written with CRLF line ends, as a Windows editor
+    # would): other ports, which the firewall must follow, and a public address.
+    "x86_64-bios": dict(variant="x86_64", fat_mount="/boot/efi", ports=(4101, 4102),
+                        env="PRIVSTACK_RELAY_PORT=4101\r\nPRIVSTACK_RELAY_HTTP_PORT=4102\r\n"
+                            f"PRIVSTACK_RELAY_EXTERNAL_ADDRESS={EXTERNAL}\r\n", qemu=[
+        "qemu-system-x86_64", "-machine", "pc"]),
+    # A settings file with a typo is refused as a whole; the defaults stay.
+    "x86_64-uefi": dict(variant="x86_64", fat_mount="/boot/efi",
+                        env="PRIVSTACK_RELAY_PORT=4101\n--port 4101\n",
+                        refused="ignored privstack-relay.env on the boot partition: line 2", qemu=[
+        "qemu-system-x86_64", "-machine", "q35",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
         "-drive", "if=pflash,format=raw,unit=1,file={vars}"], vars="/usr/share/OVMF/OVMF_VARS_4M.fd"),
     "aarch64-uefi": dict(variant="aarch64-uefi", fat_mount="/boot/efi", qemu=[
@@ -139,7 +149,8 @@ class Machine:
         vars_copy = self.tmp / f"{self.case}-vars.fd"
         if "vars" in self.spec:
             shutil.copyfile(self.spec["vars"], vars_copy)
-        fwd = (f"hostfwd=udp:127.0.0.1:{self.quic}-:4001,hostfwd=tcp:127.0.0.1:{self.http}-:4002,"
+        quic, http = self.spec.get("ports", (4001, 4002))
+        fwd = (f"hostfwd=udp:127.0.0.1:{self.quic}-:{quic},hostfwd=tcp:127.0.0.1:{self.http}-:{http},"
                f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,hostfwd=tcp:127.0.0.1:{self.closed}-:{CLOSED_PORT}")
         cmd = [a.format(vars=vars_copy) for a in self.spec["qemu"]] + [
             "-accel", "tcg", "-display", "none", "-monitor", "none", "-netdev", f"user,id=net0,{fwd}"]
@@ -237,6 +248,10 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
     fat = f"{disk}@@{fat_offset(disk)}"
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     run(["mcopy", "-o", "-i", fat, f"{m.key}.pub", "::authorized_keys"], env=env)
+    if "env" in spec:
+        settings = tmp / f"{case}.env"
+        settings.write_bytes(spec["env"].encode())
+        run(["mcopy", "-o", "-i", fat, str(settings), "::privstack-relay.env"], env=env)
 
     figures = {}
     try:
@@ -265,6 +280,13 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         check(size > base_root + GROW // 2, f"root file system grew to the disk ({base_root >> 20} -> {size >> 20} MiB)")
         txt = m.ssh(f"cat {spec['fat_mount']}/privstack-relay.txt")
         check(f"Peer ID: {peer}" in txt, "privstack-relay.txt on the boot partition names the peer ID")
+        if "ports" in spec:
+            check(ident["addresses"][0] == EXTERNAL and f"{EXTERNAL}/p2p/{peer}" in txt,
+                  f"provisioned settings applied: relay on {spec['ports']}, announcing {EXTERNAL}")
+        if "refused" in spec:
+            env_now = m.ssh("grep -c '^PRIVSTACK_RELAY_PORT=' /etc/privstack-relay/relay.env || true")
+            check(spec["refused"] in txt and env_now == "0",
+                  "a malformed privstack-relay.env is refused, with the reason in privstack-relay.txt")
 
         m.ssh(f"systemd-run --unit=closed-port-test python3 -m http.server {CLOSED_PORT}")
         inside = m.ssh(f"for i in $(seq 20); do python3 -c 'import urllib.request as u; "

@@ -12,6 +12,8 @@
 #             target/<triple>/release (the release workflow builds them with cross).
 #   DIST      output directory (default: dist)
 #   CARGO_TARGET_DIR  as for cargo (default: target)
+#   IMAGES    yes: also build the appliance images from the new archives
+#             (image/build.sh; needs root and image/deps.sh's tools; default: no)
 #
 # Output per target: privstack-relay-VERSION-TARGET.tar.gz and a .sha256 beside it;
 # one SHA256SUMS for everything in DIST. Builds are reproducible: SOURCE_DATE_EPOCH
@@ -123,8 +125,12 @@ for target in $TARGETS; do
     package "$target"
 done
 
+if [ "${IMAGES:-no}" = yes ]; then
+    DIST="$DIST" VERSION="$VERSION" image/build.sh
+fi
+
 # One checksum file for everything in DIST (images included when present).
-(cd "$DIST" && find . -maxdepth 1 -type f ! -name SHA256SUMS ! -name '*.sha256' -printf '%P\n' \
+(cd "$DIST" && find . -maxdepth 1 -type f ! -name SHA256SUMS ! -name '*.sha256' ! -name '*.img' -printf '%P\n' \
     | LC_ALL=C sort | xargs -r sha256sum > SHA256SUMS)
 echo "== $DIST/SHA256SUMS"
 cat "$DIST/SHA256SUMS"

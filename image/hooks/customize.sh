@@ -56,7 +56,7 @@ REPART
     {
         echo "# privstack-relay appliance (image/hooks/customize.sh)"
         echo "set default=0"
-        echo "set timeout=2"
+        echo "set timeout=1"
         case "$BOOT" in grub-bios-efi)
             echo "serial --unit=0 --speed=115200"
             echo "terminal_input console serial"
