@@ -160,7 +160,7 @@ class Machine:
                     "-drive", f"file={self.disk},format=raw,if=sd",
                     # serial0 of the Pi's device tree is the mini UART, qemu's second.
                     "-serial", "null", "-serial", f"file:{self.serial}",
-                    "-usb", "-device", "usb-net,netdev=net0"]
+                    "-usb", "-device", "usb-net,netdev=net0,mac=52:54:00:12:34:56"]
         else:
             cmd += ["-smp", "2", "-m", "1024", "-serial", f"file:{self.serial}",
                     "-drive", f"file={self.disk},format=raw,if=virtio",
@@ -175,7 +175,11 @@ class Machine:
         config = run(["mtype", "-i", fat, "::config.txt"], env=env).stdout
         kernel = re.search(r"^kernel=(\S+)", config, re.M).group(1)
         initrd = re.search(r"^initramfs (\S+)", config, re.M).group(1)
+        # qemu's usb-net answers to both cdc_ether and cdc_subset; whichever binds first
+        # decides the MAC (cdc_subset's is random), and with it slirp's DHCP address,
+        # which the port forwards point at. Real boards' Ethernet is not affected.
         cmdline = run(["mtype", "-i", fat, "::cmdline.txt"], env=env).stdout.strip()
+        cmdline += " modprobe.blacklist=cdc_subset"
         dtb = "bcm2837-rpi-3-b.dtb"
         for name in (kernel, initrd, dtb):
             run(["mcopy", "-o", "-i", fat, f"::{name}", str(self.tmp / name)], env=env)
@@ -263,6 +267,11 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         peer = ident["peer_id"]
         log(f"  ok: identity API answered after {figures['first boot to API (s)']} s: {peer}")
 
+        if spec.get("board"):
+            # No RTC on the board and no NTP server reachable from here: set the clock
+            # as timesyncd would (reservations carry absolute expiry times).
+            m.wait_ssh(time.monotonic() + 120)
+            m.ssh(f"date -u -s @{int(time.time())} >/dev/null")
         target = f"/ip4/127.0.0.1/udp/{m.quic}/quic-v1/p2p/{peer}"
         probe = run([str(relay), "probe", "--timeout", "30", target], timeout=90, check=False)
         check(probe.returncode == 0 and "OK" in probe.stdout,

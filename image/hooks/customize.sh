@@ -108,6 +108,11 @@ RASPI
     ;;
 esac
 
+# Boards without a real-time clock (the Pi) start with systemd's clock floor until
+# timesyncd reaches an NTP server; make that floor the image's build time, not the
+# older date systemd was built on. Relay reservations carry absolute expiry times.
+touch "$ROOT/usr/lib/clock-epoch"
+
 # Nothing from the build host stays behind.
 rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/tmp/* "$ROOT"/var/tmp/*
 rm -f "$ROOT"/var/log/*.log "$ROOT"/var/log/apt/*
