@@ -85,8 +85,8 @@ build_variant() (
     mkdir -p "$work"
     local root="$work/root"
 
-    export IMAGE_SRC="$SRC" IMAGE_VARIANT="$variant" IMAGE_WORK="$work" IMAGE_ARCHIVE="$archive"
-    export IMAGE_ROOT_UUID IMAGE_FAT_ID IMAGE_VERSION="$VERSION"
+    export IMAGE_SRC="$SRC" IMAGE_WORK="$work" IMAGE_ARCHIVE="$archive"
+    export IMAGE_ROOT_UUID IMAGE_FAT_ID
     IMAGE_ROOT_UUID=$(derived_uuid "$VERSION $variant root")
     IMAGE_FAT_ID=$(printf 'privstack-relay %s %s fat' "$VERSION" "$variant" | sha256sum | cut -c1-8)
     export DEB_ARCH BOOT GRUB_EFI_TARGET GRUB_EFI_NAME FAT_MOUNT FAT_MIB ROOT_TYPE ROOT_LABEL CMDLINE INITRD_MODULES

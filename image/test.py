@@ -248,7 +248,8 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         f.truncate(size)
 
     m = Machine(case, spec, disk, tmp)
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(m.key)]) if not m.key.exists() else None
+    if not m.key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(m.key)])
     fat = f"{disk}@@{fat_offset(disk)}"
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     run(["mcopy", "-o", "-i", fat, f"{m.key}.pub", "::authorized_keys"], env=env)
