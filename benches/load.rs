@@ -1,0 +1,1092 @@
+//! Load generator: thousands of real rust-libp2p clients in one process against one relay.
+//!
+//!   cargo bench --bench load -- <scenario> --relay /ip4/127.0.0.1/udp/<port>/quic-v1/p2p/<id> \
+//!       [--pid <relay pid>] [options]
+//!
+//! Scenarios (each client is a full swarm: QUIC, identify, the relay client, raw streams,
+//! Kademlia for `dht`; each binds its own 127.0.0.0/8 address so the relay's per-IP rate
+//! limits see separate hosts):
+//!
+//! - `reservations`: `--clients` N clients connect, identify and reserve a slot, at most
+//!   `--concurrency` setting up at once, then hold their reservations for `--hold` seconds.
+//! - `circuits`: `--clients` C listeners reserve; C dialers connect to the relay, then each
+//!   opens a circuit to its listener and moves `--payload` bytes (at most `--concurrency`
+//!   circuits open at once). Circuits/s counts from the first circuit dial to the last echo.
+//! - `bulk`: one pair moves `--mib` MiB directly, then the same amount through a circuit.
+//! - `dht`: `--clients` M clients each store `--records` PrivStack records on the relay
+//!   (`/privstack/syncgroup/` + SHA-256 keys, JSON values), then each reads back records
+//!   another client stored.
+//! - `churn`: `--concurrency` workers connect, reserve and disconnect in a loop for
+//!   `--seconds`, then the relay's RSS is followed until it is back within 10% of idle
+//!   (or `--settle` seconds pass).
+//!
+//! With `--pid`, the relay's RSS and CPU seconds are read from /proc. Progress goes to
+//! stderr; the last line on stdout is one JSON object with the figures, which
+//! `benches/compare.py` collects. The exit status is non-zero if any operation failed.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, ValueEnum};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::core::ConnectedPoint;
+use libp2p::kad::store::MemoryStore;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, relay, yamux,
+};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+/// Longest any single step (handshake, reservation, circuit, request) may take before it
+/// counts as a failure.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Protocol the clients move payloads on (an echo of the byte count comes back).
+const TRANSFER: StreamProtocol = StreamProtocol::new("/privstack-bench/transfer/1");
+
+/// Write size for payloads.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Reservations,
+    Circuits,
+    Bulk,
+    Dht,
+    Churn,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Load a privstack-relay (or any circuit relay v2 + Kademlia server) with real libp2p clients"
+)]
+struct Args {
+    /// What to measure.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// The relay's QUIC address, ending in /p2p/<peer id>.
+    #[arg(long)]
+    relay: Multiaddr,
+    /// The relay's process ID, to read its RSS and CPU time from /proc.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Clients (reservations), pairs (circuits) or DHT clients (dht).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Setups in flight at once (reservations, dht), circuits open at once (circuits),
+    /// workers (churn).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// reservations: seconds to hold all reservations after the last one is accepted.
+    #[arg(long, default_value_t = 5)]
+    hold: u64,
+    /// circuits: bytes each dialer sends through its circuit.
+    #[arg(long, default_value_t = 64 * 1024)]
+    payload: usize,
+    /// bulk: MiB moved directly and then relayed.
+    #[arg(long, default_value_t = 1024)]
+    mib: usize,
+    /// dht: records each client stores.
+    #[arg(long, default_value_t = 500)]
+    records: usize,
+    /// dht: records each client reads back.
+    #[arg(long, default_value_t = 50)]
+    gets: usize,
+    /// churn: seconds of connect/reserve/disconnect.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// churn: seconds to wait for the relay's RSS to come back within 10% of idle.
+    #[arg(long, default_value_t = 60)]
+    settle: u64,
+    /// First client address; clients count up from the next address.
+    #[arg(long, default_value = "127.1.0.0")]
+    ip_base: Ipv4Addr,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(NetworkBehaviour)]
+struct Client {
+    relay: relay::client::Behaviour,
+    identify: identify::Behaviour,
+    kad: Toggle<kad::Behaviour<MemoryStore>>,
+    stream: libp2p_stream::Behaviour,
+}
+
+type Event = SwarmEvent<ClientEvent>;
+
+/// The relay under test: its address and peer ID.
+#[derive(Clone)]
+struct Relay {
+    addr: Multiaddr,
+    peer: PeerId,
+}
+
+impl Relay {
+    fn circuit(&self) -> Multiaddr {
+        self.addr.clone().with(Protocol::P2pCircuit)
+    }
+    fn circuit_to(&self, target: PeerId) -> Multiaddr {
+        self.circuit().with(Protocol::P2p(target))
+    }
+}
+
+/// A client listening on its own loopback address (dials to the relay leave from it).
+async fn client(ip: Ipv4Addr, with_kad: bool) -> Result<Swarm<Client>> {
+    let mut swarm = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay| {
+            let id = key.public().to_peer_id();
+            let kad = with_kad.then(|| {
+                let mut cfg = kad::Config::new(kad::PROTOCOL_NAME);
+                cfg.set_periodic_bootstrap_interval(None);
+                let mut k = kad::Behaviour::with_config(id, MemoryStore::new(id), cfg);
+                // Records live on the relay; clients only ask.
+                k.set_mode(Some(kad::Mode::Client));
+                k
+            });
+            Client {
+                relay,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/privstack/1.0.0".into(),
+                    key.public(),
+                )),
+                kad: kad.into(),
+                stream: libp2p_stream::Behaviour::new(),
+            }
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let addr = Multiaddr::empty()
+        .with(Protocol::Ip4(ip))
+        .with(Protocol::Udp(0))
+        .with(Protocol::QuicV1);
+    swarm
+        .listen_on(addr)
+        .with_context(|| format!("listen on {ip}"))?;
+    until(&mut swarm, "listen address", |ev| match ev {
+        SwarmEvent::NewListenAddr { .. } => Some(Ok(())),
+        SwarmEvent::ListenerError { error, .. } => Some(Err(anyhow!("listen on {ip}: {error}"))),
+        _ => None,
+    })
+    .await?;
+    Ok(swarm)
+}
+
+/// Drive the swarm until `f` decides, or fail after [`STEP_TIMEOUT`].
+async fn until<T>(
+    swarm: &mut Swarm<Client>,
+    what: &str,
+    mut f: impl FnMut(Event) -> Option<Result<T>>,
+) -> Result<T> {
+    let wait = async {
+        loop {
+            if let Some(r) = f(swarm.select_next_some().await) {
+                return r;
+            }
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, wait)
+        .await
+        .map_err(|_| anyhow!("timed out waiting for {what}"))?
+}
+
+/// Run `work` while driving the swarm (streams need the swarm polled), with a timeout.
+async fn drive<T>(
+    swarm: &mut Swarm<Client>,
+    what: &str,
+    timeout: Duration,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let work = tokio::time::timeout(timeout, work);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r.map_err(|_| anyhow!("timed out: {what}"))?,
+            _ = swarm.select_next_some() => {}
+        }
+    }
+}
+
+/// Dial the relay and wait until it has identified itself.
+async fn connect(swarm: &mut Swarm<Client>, relay: &Relay) -> Result<()> {
+    swarm.dial(relay.addr.clone())?;
+    let peer = relay.peer;
+    until(swarm, "identify from the relay", |ev| match ev {
+        SwarmEvent::Behaviour(ClientEvent::Identify(identify::Event::Received {
+            peer_id, ..
+        })) if peer_id == peer => Some(Ok(())),
+        SwarmEvent::OutgoingConnectionError { error, .. } => {
+            Some(Err(anyhow!("dial relay: {error}")))
+        }
+        SwarmEvent::ConnectionClosed { peer_id, cause, .. } if peer_id == peer => {
+            Some(Err(anyhow!("relay closed the connection: {cause:?}")))
+        }
+        _ => None,
+    })
+    .await
+}
+
+/// Reserve a slot on the relay (already connected).
+async fn reserve(swarm: &mut Swarm<Client>, relay: &Relay) -> Result<()> {
+    let listener = swarm.listen_on(relay.circuit())?;
+    until(swarm, "reservation", |ev| match ev {
+        SwarmEvent::Behaviour(ClientEvent::Relay(
+            relay::client::Event::ReservationReqAccepted { .. },
+        )) => Some(Ok(())),
+        SwarmEvent::ListenerClosed {
+            listener_id,
+            reason,
+            ..
+        } if listener_id == listener => Some(Err(anyhow!("reservation refused: {reason:?}"))),
+        _ => None,
+    })
+    .await
+}
+
+/// Disconnect from `peer` and wait until the connection is gone.
+async fn disconnect(swarm: &mut Swarm<Client>, peer: PeerId) -> Result<()> {
+    if swarm.disconnect_peer_id(peer).is_err() {
+        return Ok(());
+    }
+    until(swarm, "connection close", |ev| match ev {
+        SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } if peer_id == peer => Some(Ok(())),
+        _ => None,
+    })
+    .await
+}
+
+/// Answer transfers on `swarm` forever: read to EOF, reply with the byte count.
+async fn serve(mut swarm: Swarm<Client>) {
+    let mut incoming = swarm
+        .behaviour()
+        .stream
+        .new_control()
+        .accept(TRANSFER)
+        .expect("one acceptor");
+    loop {
+        tokio::select! {
+            Some((_, mut s)) = incoming.next() => {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; CHUNK];
+                    let mut total = 0u64;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(n) => total += n as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = s.write_all(&total.to_be_bytes()).await;
+                    let _ = s.close().await;
+                });
+            }
+            _ = swarm.select_next_some() => {}
+        }
+    }
+}
+
+/// Send `bytes` to `target` on a new stream and wait for its count to come back.
+async fn transfer(mut control: libp2p_stream::Control, target: PeerId, bytes: usize) -> Result<()> {
+    let mut s = control
+        .open_stream(target, TRANSFER)
+        .await
+        .map_err(|e| anyhow!("open stream: {e}"))?;
+    let chunk = vec![0x5au8; CHUNK.min(bytes.max(1))];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await.context("write")?;
+        left -= n;
+    }
+    s.close().await.context("close")?;
+    let mut echo = [0u8; 8];
+    s.read_exact(&mut echo).await.context("read echo")?;
+    let got = u64::from_be_bytes(echo);
+    if got != bytes as u64 {
+        bail!("peer received {got} of {bytes} bytes");
+    }
+    Ok(())
+}
+
+/// Open a circuit to `target` through the relay; returns when it is established.
+async fn dial_circuit(swarm: &mut Swarm<Client>, relay: &Relay, target: PeerId) -> Result<()> {
+    swarm.dial(relay.circuit_to(target))?;
+    until(swarm, "circuit", |ev| match ev {
+        SwarmEvent::ConnectionEstablished {
+            peer_id, endpoint, ..
+        } if peer_id == target => Some(
+            if endpoint
+                .get_remote_address()
+                .iter()
+                .any(|p| p == Protocol::P2pCircuit)
+            {
+                Ok(())
+            } else {
+                Err(anyhow!("connected to {target} without the relay"))
+            },
+        ),
+        SwarmEvent::OutgoingConnectionError { error, .. } => {
+            Some(Err(anyhow!("circuit dial: {error}")))
+        }
+        _ => None,
+    })
+    .await
+}
+
+// ----- figures -------------------------------------------------------------------------
+
+/// RSS (KiB) and CPU seconds of a process, from /proc.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    rss_kib: u64,
+    hwm_kib: u64,
+    cpu_s: f64,
+}
+
+fn sample(pid: Option<u32>) -> Option<Sample> {
+    let pid = pid?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().ok()? + fields[12].parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(Sample {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+        cpu_s: ticks / hz,
+    })
+}
+
+/// Latencies in milliseconds: p50 and p99.
+fn percentiles(mut ms: Vec<f64>) -> (f64, f64) {
+    if ms.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Client addresses: `base` + 1 + i, so every client is its own host to the relay.
+struct Addrs {
+    base: u32,
+    next: AtomicU32,
+}
+
+impl Addrs {
+    fn new(base: Ipv4Addr) -> Self {
+        Self {
+            base: u32::from(base),
+            next: AtomicU32::new(0),
+        }
+    }
+    fn take(&self) -> Ipv4Addr {
+        // Stay inside one /16 so a long churn run wraps rather than leaving 127/8.
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % 65_534;
+        Ipv4Addr::from(self.base + 1 + i)
+    }
+}
+
+/// Failure messages, counted by kind, for the report.
+#[derive(Default)]
+struct Failures(std::sync::Mutex<std::collections::BTreeMap<String, usize>>);
+
+impl Failures {
+    fn add(&self, what: &str, e: &anyhow::Error) {
+        let msg = format!("{what}: {e:#}");
+        let mut m = self.0.lock().unwrap();
+        if m.is_empty() {
+            eprintln!("first failure: {msg}");
+        }
+        *m.entry(msg).or_default() += 1;
+    }
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().values().sum()
+    }
+    fn json(&self) -> serde_json::Value {
+        let m = self.0.lock().unwrap();
+        let mut top: Vec<_> = m.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        json!(
+            top.iter()
+                .take(5)
+                .map(|(k, v)| json!({"count": v, "error": k}))
+                .collect::<Vec<_>>()
+        )
+    }
+}
+
+// ----- scenarios -----------------------------------------------------------------------
+
+async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let idle = sample(args.pid);
+    let addrs = Arc::new(Addrs::new(args.ip_base));
+    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let failures = Arc::new(Failures::default());
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let (done_tx, mut done) = mpsc::unbounded_channel::<Option<Duration>>();
+    let t0 = Instant::now();
+    for _ in 0..args.clients {
+        let (relay, addrs, gate, failures, lost) = (
+            relay.clone(),
+            addrs.clone(),
+            gate.clone(),
+            failures.clone(),
+            lost.clone(),
+        );
+        let (mut stop, done_tx) = (stop.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let setup = async {
+                let mut swarm = client(addrs.take(), false).await?;
+                let t = Instant::now();
+                connect(&mut swarm, &relay).await?;
+                reserve(&mut swarm, &relay).await?;
+                anyhow::Ok((swarm, t.elapsed()))
+            };
+            let mut swarm = match setup.await {
+                Ok((swarm, took)) => {
+                    let _ = done_tx.send(Some(took));
+                    swarm
+                }
+                Err(e) => {
+                    failures.add("setup", &e);
+                    let _ = done_tx.send(None);
+                    return;
+                }
+            };
+            drop(permit);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    ev = swarm.select_next_some() => match ev {
+                        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. }
+                            if peer_id == relay.peer => {
+                            failures.add("hold", &anyhow!("relay connection closed: {cause:?}"));
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // Hold the swarm (and its connection) until the scenario ends.
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    }
+    drop(done_tx);
+    let mut lat = Vec::with_capacity(args.clients);
+    let mut seen = 0;
+    while let Some(r) = done.recv().await {
+        seen += 1;
+        if let Some(d) = r {
+            lat.push(ms(d));
+        }
+        if seen % 1000 == 0 {
+            eprintln!(
+                "{seen}/{} set up ({:.1} s)",
+                args.clients,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if seen == args.clients {
+            break;
+        }
+    }
+    let setup_s = t0.elapsed().as_secs_f64();
+    let ok = lat.len();
+    // Let the last handshakes' buffers and the keep-alive cycle settle before reading RSS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_n = sample(args.pid);
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    let _ = stop_tx.send(true);
+    let (p50, p99) = percentiles(lat);
+    let mut out = json!({
+        "clients": args.clients,
+        "held": ok - lost.load(Ordering::Relaxed).min(ok),
+        "failures": failures.count(),
+        "errors": failures.json(),
+        "setup_s": setup_s,
+        "per_s": ok as f64 / setup_s,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    });
+    if let (Some(idle), Some(at_n)) = (idle, at_n) {
+        out["rss_idle_kib"] = json!(idle.rss_kib);
+        out["rss_at_n_kib"] = json!(at_n.rss_kib);
+        out["rss_per_reservation_kib"] =
+            json!((at_n.rss_kib as f64 - idle.rss_kib as f64) / ok.max(1) as f64);
+        out["cpu_ms_per_reservation"] =
+            json!((at_n.cpu_s - idle.cpu_s) * 1000.0 / ok.max(1) as f64);
+    }
+    Ok(out)
+}
+
+async fn circuits(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let addrs = Arc::new(Addrs::new(args.ip_base));
+    let setup_gate = Arc::new(Semaphore::new(64));
+    let failures = Arc::new(Failures::default());
+    // Listeners: reserve, then answer transfers until the process ends.
+    let (ready_tx, mut ready) = mpsc::unbounded_channel::<Option<PeerId>>();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let (relay, addrs, gate, failures, ready_tx) = (
+            relay.clone(),
+            addrs.clone(),
+            setup_gate.clone(),
+            failures.clone(),
+            ready_tx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let setup = async {
+                let mut swarm = client(addrs.take(), false).await?;
+                connect(&mut swarm, &relay).await?;
+                reserve(&mut swarm, &relay).await?;
+                anyhow::Ok(swarm)
+            };
+            match setup.await {
+                Ok(swarm) => {
+                    let _ = ready_tx.send(Some(*swarm.local_peer_id()));
+                    drop(permit);
+                    serve(swarm).await;
+                }
+                Err(e) => {
+                    failures.add("listener setup", &e);
+                    let _ = ready_tx.send(None);
+                }
+            }
+        }));
+    }
+    let mut targets = Vec::new();
+    for _ in 0..args.clients {
+        if let Some(Some(p)) = ready.recv().await {
+            targets.push(p);
+        }
+    }
+    eprintln!("{} listeners reserved", targets.len());
+    // Dialers: connect to the relay first so the timed part is the circuit alone.
+    let (go_tx, go) = watch::channel(false);
+    let (done_tx, mut done) = mpsc::unbounded_channel::<Option<Duration>>();
+    let (conn_tx, mut connected) = mpsc::unbounded_channel::<()>();
+    let circuit_gate = Arc::new(Semaphore::new(args.concurrency));
+    let payload = args.payload;
+    for target in targets.iter().copied() {
+        let (relay, addrs, setup_gate, circuit_gate, failures) = (
+            relay.clone(),
+            addrs.clone(),
+            setup_gate.clone(),
+            circuit_gate.clone(),
+            failures.clone(),
+        );
+        let (mut go, done_tx, conn_tx) = (go.clone(), done_tx.clone(), conn_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = setup_gate.acquire_owned().await.unwrap();
+            let setup = async {
+                let mut swarm = client(addrs.take(), false).await?;
+                connect(&mut swarm, &relay).await?;
+                anyhow::Ok(swarm)
+            };
+            let mut swarm = match setup.await {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.add("dialer setup", &e);
+                    let _ = conn_tx.send(());
+                    let _ = done_tx.send(None);
+                    return;
+                }
+            };
+            drop(permit);
+            let _ = conn_tx.send(());
+            // Keep the relay connection alive while waiting for the start.
+            loop {
+                tokio::select! {
+                    _ = go.wait_for(|g| *g) => break,
+                    _ = swarm.select_next_some() => {}
+                }
+            }
+            let _permit = circuit_gate.acquire_owned().await.unwrap();
+            let t = Instant::now();
+            let run = async {
+                dial_circuit(&mut swarm, &relay, target).await?;
+                let setup = t.elapsed();
+                let control = swarm.behaviour().stream.new_control();
+                drive(
+                    &mut swarm,
+                    "transfer",
+                    STEP_TIMEOUT,
+                    transfer(control, target, payload),
+                )
+                .await?;
+                disconnect(&mut swarm, target).await?;
+                anyhow::Ok(setup)
+            };
+            match run.await {
+                Ok(setup) => {
+                    let _ = done_tx.send(Some(setup));
+                }
+                Err(e) => {
+                    failures.add("circuit", &e);
+                    let _ = done_tx.send(None);
+                }
+            }
+        }));
+    }
+    drop((done_tx, conn_tx));
+    for _ in 0..targets.len() {
+        connected.recv().await;
+    }
+    eprintln!("{} dialers connected; opening circuits", targets.len());
+    let before = sample(args.pid);
+    let t0 = Instant::now();
+    let _ = go_tx.send(true);
+    let mut lat = Vec::new();
+    while let Some(r) = done.recv().await {
+        if let Some(d) = r {
+            lat.push(ms(d));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let after = sample(args.pid);
+    for t in tasks {
+        t.abort();
+    }
+    let (p50, p99) = percentiles(lat.clone());
+    let mut out = json!({
+        "pairs": args.clients,
+        "completed": lat.len(),
+        "failures": failures.count(),
+        "errors": failures.json(),
+        "payload_bytes": payload,
+        "secs": secs,
+        "per_s": lat.len() as f64 / secs,
+        "setup_p50_ms": p50,
+        "setup_p99_ms": p99,
+    });
+    if let (Some(b), Some(a)) = (before, after) {
+        out["cpu_ms_per_circuit"] = json!((a.cpu_s - b.cpu_s) * 1000.0 / lat.len().max(1) as f64);
+    }
+    Ok(out)
+}
+
+async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let addrs = Addrs::new(args.ip_base);
+    let bytes = args.mib << 20;
+    let mut a = client(addrs.take(), false).await?;
+    connect(&mut a, relay).await?;
+    reserve(&mut a, relay).await?;
+    let a_id = *a.local_peer_id();
+    let a_addr = a
+        .listeners()
+        .find(|l| !l.iter().any(|p| p == Protocol::P2pCircuit))
+        .cloned()
+        .context("listener address")?
+        .with(Protocol::P2p(a_id));
+    let a_task = tokio::spawn(serve(a));
+    let mut b = client(addrs.take(), false).await?;
+    connect(&mut b, relay).await?;
+    let timeout = Duration::from_secs(600);
+
+    // Direct: the physical limit of this machine for two QUIC peers.
+    b.dial(a_addr)?;
+    until(&mut b, "direct connection", |ev| match ev {
+        SwarmEvent::ConnectionEstablished {
+            peer_id,
+            endpoint: ConnectedPoint::Dialer { .. },
+            ..
+        } if peer_id == a_id => Some(Ok(())),
+        SwarmEvent::OutgoingConnectionError { error, .. } => Some(Err(anyhow!("{error}"))),
+        _ => None,
+    })
+    .await?;
+    let control = b.behaviour().stream.new_control();
+    let t = Instant::now();
+    drive(
+        &mut b,
+        "direct transfer",
+        timeout,
+        transfer(control, a_id, bytes),
+    )
+    .await?;
+    let direct_s = t.elapsed().as_secs_f64();
+    disconnect(&mut b, a_id).await?;
+    eprintln!("direct: {:.1} MiB/s", args.mib as f64 / direct_s);
+
+    // Relayed: the same pair through a circuit.
+    dial_circuit(&mut b, relay, a_id).await?;
+    let control = b.behaviour().stream.new_control();
+    let before = sample(args.pid);
+    let t = Instant::now();
+    drive(
+        &mut b,
+        "relayed transfer",
+        timeout,
+        transfer(control, a_id, bytes),
+    )
+    .await?;
+    let relayed_s = t.elapsed().as_secs_f64();
+    let after = sample(args.pid);
+    eprintln!("relayed: {:.1} MiB/s", args.mib as f64 / relayed_s);
+    a_task.abort();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let mut out = json!({
+        "mib": args.mib,
+        "failures": 0,
+        "direct_mib_s": args.mib as f64 / direct_s,
+        "relayed_mib_s": args.mib as f64 / relayed_s,
+        "ratio": direct_s / relayed_s,
+    });
+    if let (Some(b), Some(a)) = (before, after) {
+        out["relay_cpu_s_per_gib"] = json!((a.cpu_s - b.cpu_s) / gib);
+    }
+    Ok(out)
+}
+
+/// A PrivStack sync-group record: key `/privstack/syncgroup/` + SHA-256(code), JSON value.
+fn record(code: &str, device: &str, addr: &Multiaddr) -> kad::Record {
+    use sha2::Digest;
+    let mut key = b"/privstack/syncgroup/".to_vec();
+    key.extend_from_slice(&sha2::Sha256::digest(code.as_bytes()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let value = json!({
+        "device_name": device,
+        "addresses": [addr.to_string()],
+        "timestamp": now,
+    });
+    kad::Record::new(kad::RecordKey::new(&key), value.to_string().into_bytes())
+}
+
+/// Keep the swarm running until the scenario reaches phase `p`.
+async fn wait_phase(swarm: &mut Swarm<Client>, phase: &mut watch::Receiver<u8>, p: u8) {
+    loop {
+        tokio::select! {
+            _ = phase.wait_for(|v| *v >= p) => return,
+            _ = swarm.select_next_some() => {}
+        }
+    }
+}
+
+fn kad_of(swarm: &mut Swarm<Client>) -> &mut kad::Behaviour<MemoryStore> {
+    swarm
+        .behaviour_mut()
+        .kad
+        .as_mut()
+        .expect("dht clients run kad")
+}
+
+/// Store `rec` on the relay; Ok once the relay has acknowledged it.
+async fn put(swarm: &mut Swarm<Client>, relay: &Relay, mut rec: kad::Record) -> Result<()> {
+    // put_record (what PrivStack calls) names the publisher; put_record_to leaves it to us.
+    rec.publisher = Some(*swarm.local_peer_id());
+    let id = kad_of(swarm).put_record_to(rec, std::iter::once(relay.peer), kad::Quorum::One);
+    until(swarm, "put_record", |ev| match ev {
+        SwarmEvent::Behaviour(ClientEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id: q,
+            result: kad::QueryResult::PutRecord(r),
+            ..
+        })) if q == id => Some(r.map(|_| ()).map_err(|e| anyhow!("put: {e:?}"))),
+        _ => None,
+    })
+    .await
+}
+
+/// Look `key` up; Ok once a record with the expected publisher comes back.
+async fn get(swarm: &mut Swarm<Client>, key: kad::RecordKey) -> Result<()> {
+    let id = kad_of(swarm).get_record(key);
+    let found = until(swarm, "get_record", |ev| match ev {
+        SwarmEvent::Behaviour(ClientEvent::Kad(kad::Event::OutboundQueryProgressed {
+            id: q,
+            result: kad::QueryResult::GetRecord(r),
+            step,
+            ..
+        })) if q == id => match r {
+            Ok(kad::GetRecordOk::FoundRecord(r)) => Some(Ok(r.record.publisher.is_some())),
+            Ok(_) if step.last => Some(Err(anyhow!("record not found"))),
+            Err(e) => Some(Err(anyhow!("get: {e:?}"))),
+            Ok(_) => None,
+        },
+        _ => None,
+    })
+    .await;
+    // One record is enough; end the query instead of waiting for more peers.
+    if let Some(mut q) = kad_of(swarm).query_mut(&id) {
+        q.finish();
+    }
+    match found? {
+        true => Ok(()),
+        false => bail!("record came back without its publisher"),
+    }
+}
+
+async fn dht(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let addrs = Arc::new(Addrs::new(args.ip_base));
+    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let failures = Arc::new(Failures::default());
+    let (records, gets, m) = (args.records, args.gets.min(args.records), args.clients);
+    // Phase barriers: connected -> put -> (sample) -> get.
+    let (phase_tx, phase) = watch::channel(0u8);
+    let (conn_tx, mut connected) = mpsc::unbounded_channel::<()>();
+    let (put_tx, mut puts_done) = mpsc::unbounded_channel::<Vec<f64>>();
+    let (get_tx, mut gets_done) = mpsc::unbounded_channel::<Vec<f64>>();
+    let run = format!("{:x}", rand::random::<u64>());
+    let mut tasks = Vec::new();
+    for i in 0..m {
+        let (relay, addrs, gate, failures, run) = (
+            relay.clone(),
+            addrs.clone(),
+            gate.clone(),
+            failures.clone(),
+            run.clone(),
+        );
+        let (mut phase, conn_tx, put_tx, get_tx) = (
+            phase.clone(),
+            conn_tx.clone(),
+            put_tx.clone(),
+            get_tx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let ip = addrs.take();
+            let setup = async {
+                let mut swarm = client(ip, true).await?;
+                connect(&mut swarm, &relay).await?;
+                anyhow::Ok(swarm)
+            };
+            let mut swarm = match setup.await {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.add("setup", &e);
+                    let _ = conn_tx.send(());
+                    let _ = put_tx.send(Vec::new());
+                    let _ = get_tx.send(Vec::new());
+                    return;
+                }
+            };
+            drop(permit);
+            let _ = conn_tx.send(());
+            wait_phase(&mut swarm, &mut phase, 1).await;
+            let my_addr = Multiaddr::empty()
+                .with(Protocol::Ip4(ip))
+                .with(Protocol::Udp(4001))
+                .with(Protocol::QuicV1);
+            let mut lat = Vec::with_capacity(records);
+            for j in 0..records {
+                let rec = record(&format!("{run}-{i}-{j}"), &format!("bench-{i}"), &my_addr);
+                let t = Instant::now();
+                match put(&mut swarm, &relay, rec).await {
+                    Ok(()) => lat.push(ms(t.elapsed())),
+                    Err(e) => failures.add("put", &e),
+                }
+            }
+            let _ = put_tx.send(lat);
+            wait_phase(&mut swarm, &mut phase, 2).await;
+            let other = (i + 1) % m;
+            let mut lat = Vec::with_capacity(gets);
+            for j in 0..gets {
+                let key = record(&format!("{run}-{other}-{j}"), "", &my_addr).key;
+                let t = Instant::now();
+                match get(&mut swarm, key).await {
+                    Ok(()) => lat.push(ms(t.elapsed())),
+                    Err(e) => failures.add("get", &e),
+                }
+            }
+            let _ = get_tx.send(lat);
+            wait_phase(&mut swarm, &mut phase, 3).await;
+        }));
+    }
+    drop((conn_tx, put_tx, get_tx));
+    for _ in 0..m {
+        connected.recv().await;
+    }
+    eprintln!("{m} clients connected");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = sample(args.pid);
+    let t0 = Instant::now();
+    let _ = phase_tx.send(1);
+    let mut put_lat = Vec::new();
+    for _ in 0..m {
+        put_lat.extend(puts_done.recv().await.unwrap_or_default());
+    }
+    let put_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = sample(args.pid);
+    eprintln!("{} records stored in {put_s:.1} s", put_lat.len());
+    let t0 = Instant::now();
+    let _ = phase_tx.send(2);
+    let mut get_lat = Vec::new();
+    for _ in 0..m {
+        get_lat.extend(gets_done.recv().await.unwrap_or_default());
+    }
+    let get_s = t0.elapsed().as_secs_f64();
+    let _ = phase_tx.send(3);
+    for t in tasks {
+        t.abort();
+    }
+    let stored = put_lat.len();
+    let (put_ops, get_ops) = (stored as f64 / put_s, get_lat.len() as f64 / get_s);
+    let ((put_p50, put_p99), (get_p50, get_p99)) = (percentiles(put_lat), percentiles(get_lat));
+    let mut out = json!({
+        "clients": m,
+        "records": stored,
+        "failures": failures.count(),
+        "errors": failures.json(),
+        "put_per_s": put_ops,
+        "put_p50_ms": put_p50,
+        "put_p99_ms": put_p99,
+        "get_per_s": get_ops,
+        "get_p50_ms": get_p50,
+        "get_p99_ms": get_p99,
+    });
+    if let (Some(b), Some(a)) = (before, after) {
+        out["rss_per_record_bytes"] =
+            json!((a.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / stored.max(1) as f64);
+        out["rss_records_kib"] = json!(a.rss_kib);
+    }
+    Ok(out)
+}
+
+async fn churn(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let idle = sample(args.pid);
+    let addrs = Arc::new(Addrs::new(args.ip_base));
+    let failures = Arc::new(Failures::default());
+    let cycles = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (relay, addrs, failures, cycles) = (
+            relay.clone(),
+            addrs.clone(),
+            failures.clone(),
+            cycles.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let cycle = async {
+                    let mut swarm = client(addrs.take(), false).await?;
+                    connect(&mut swarm, &relay).await?;
+                    reserve(&mut swarm, &relay).await?;
+                    disconnect(&mut swarm, relay.peer).await
+                };
+                match cycle.await {
+                    Ok(()) => {
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.add("cycle", &e),
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let n = cycles.load(Ordering::Relaxed);
+    eprintln!("{n} connect/reserve/disconnect cycles");
+    let peak = sample(args.pid);
+    let mut out = json!({
+        "cycles": n,
+        "per_s": n as f64 / args.seconds as f64,
+        "failures": failures.count(),
+        "errors": failures.json(),
+    });
+    if let (Some(idle), Some(peak)) = (idle, peak) {
+        // Follow RSS until it is back within 10% of idle (the target) or time runs out.
+        let t = Instant::now();
+        let mut last = peak;
+        while t.elapsed() < Duration::from_secs(args.settle) {
+            last = sample(args.pid).unwrap_or(last);
+            if (last.rss_kib as f64) <= idle.rss_kib as f64 * 1.10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        out["rss_idle_kib"] = json!(idle.rss_kib);
+        out["rss_peak_kib"] = json!(peak.hwm_kib);
+        out["rss_after_kib"] = json!(last.rss_kib);
+        out["rss_after_vs_idle"] = json!(last.rss_kib as f64 / idle.rss_kib as f64);
+        out["settle_s"] = json!(t.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+/// Thousands of clients mean thousands of UDP sockets: lift the soft descriptor limit.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let Some(Protocol::P2p(peer)) = args.relay.iter().last() else {
+        bail!("--relay {} must end in /p2p/<relay peer id>", args.relay);
+    };
+    if args.clients == 0 || args.concurrency == 0 {
+        bail!("--clients and --concurrency must be at least 1");
+    }
+    raise_fd_limit();
+    let relay = Relay {
+        addr: args.relay.clone(),
+        peer,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        match args.scenario {
+            Scenario::Reservations => reservations(&args, &relay).await,
+            Scenario::Circuits => circuits(&args, &relay).await,
+            Scenario::Bulk => bulk(&args, &relay).await,
+            Scenario::Dht => dht(&args, &relay).await,
+            Scenario::Churn => churn(&args, &relay).await,
+        }
+    })?;
+    let failures = out["failures"].as_u64().unwrap_or(0);
+    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    println!("{}", json!({"scenario": scenario, "result": out}));
+    // Tasks still hold swarms; leave without waiting for them.
+    rt.shutdown_background();
+    if failures > 0 {
+        bail!("{scenario}: {failures} failures");
+    }
+    Ok(())
+}
