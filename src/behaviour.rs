@@ -5,15 +5,16 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, identify, kad, ping, relay};
+use libp2p::{identify, kad, ping, relay};
 
 use crate::config::Config;
 use crate::defaults;
+use crate::limits;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     // First, so connections over the limits are denied before other behaviours see them.
-    pub limits: connection_limits::Behaviour,
+    pub limits: limits::Behaviour,
     pub relay: relay::Behaviour,
     pub kad: kad::Behaviour<MemoryStore>,
     pub identify: identify::Behaviour,
@@ -24,12 +25,11 @@ impl Behaviour {
     pub fn new(key: &Keypair, config: &Config) -> Self {
         let peer_id = key.public().to_peer_id();
 
-        let limits = connection_limits::Behaviour::new(
-            connection_limits::ConnectionLimits::default()
-                .with_max_established(config.max_connections)
-                .with_max_established_per_peer(config.max_connections_per_peer)
-                .with_max_pending_incoming(Some(defaults::MAX_PENDING_INCOMING)),
-        );
+        let limits = limits::Behaviour::new(limits::Limits {
+            max_pending_incoming: Some(defaults::MAX_PENDING_INCOMING),
+            max_established: config.max_connections,
+            max_established_per_peer: config.max_connections_per_peer,
+        });
 
         let l = &config.relay;
         // Start from libp2p's defaults to keep its per-peer and per-IP rate limiters

@@ -15,6 +15,7 @@ pub mod config;
 pub mod defaults;
 pub mod event_loop;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod probe;
