@@ -101,6 +101,10 @@ struct Args {
     /// churn: seconds of connect/reserve/disconnect.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// churn: rounds of `--seconds` each; the relay's RSS is read after every round, so
+    /// memory that grows with the number of peers ever seen shows as a rising series.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// churn: seconds to wait for the relay's RSS to come back within 10% of idle.
     #[arg(long, default_value_t = 60)]
     settle: u64,
@@ -982,41 +986,55 @@ async fn churn(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let addrs = Arc::new(Addrs::new(args.ip_base));
     let failures = Arc::new(Failures::default());
     let cycles = Arc::new(AtomicUsize::new(0));
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
-        let (relay, addrs, failures, cycles) = (
-            relay.clone(),
-            addrs.clone(),
-            failures.clone(),
-            cycles.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let cycle = async {
-                    let mut swarm = client(addrs.take(), false).await?;
-                    connect(&mut swarm, &relay).await?;
-                    reserve(&mut swarm, &relay).await?;
-                    disconnect(&mut swarm, relay.peer).await
-                };
-                match cycle.await {
-                    Ok(()) => {
-                        cycles.fetch_add(1, Ordering::Relaxed);
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds {
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let mut workers = Vec::new();
+        for _ in 0..args.concurrency {
+            let (relay, addrs, failures, cycles) = (
+                relay.clone(),
+                addrs.clone(),
+                failures.clone(),
+                cycles.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let cycle = async {
+                        let mut swarm = client(addrs.take(), false).await?;
+                        connect(&mut swarm, &relay).await?;
+                        reserve(&mut swarm, &relay).await?;
+                        disconnect(&mut swarm, relay.peer).await
+                    };
+                    match cycle.await {
+                        Ok(()) => {
+                            cycles.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.add("cycle", &e),
                     }
-                    Err(e) => failures.add("cycle", &e),
                 }
-            }
-        }));
-    }
-    for w in workers {
-        w.await?;
+            }));
+        }
+        for w in workers {
+            w.await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some(s) = sample(args.pid) {
+            eprintln!(
+                "after round {}: {} cycles, relay RSS {} KiB",
+                rounds.len() + 1,
+                cycles.load(Ordering::Relaxed),
+                s.rss_kib
+            );
+            rounds.push(s.rss_kib);
+        }
     }
     let n = cycles.load(Ordering::Relaxed);
     eprintln!("{n} connect/reserve/disconnect cycles");
     let peak = sample(args.pid);
     let mut out = json!({
         "cycles": n,
-        "per_s": n as f64 / args.seconds as f64,
+        "per_s": n as f64 / (args.seconds * u64::from(args.rounds)) as f64,
+        "rss_rounds_kib": rounds,
         "failures": failures.count(),
         "errors": failures.json(),
     });
@@ -1060,8 +1078,8 @@ fn main() -> Result<()> {
     let Some(Protocol::P2p(peer)) = args.relay.iter().last() else {
         bail!("--relay {} must end in /p2p/<relay peer id>", args.relay);
     };
-    if args.clients == 0 || args.concurrency == 0 {
-        bail!("--clients and --concurrency must be at least 1");
+    if args.clients == 0 || args.concurrency == 0 || args.rounds == 0 {
+        bail!("--clients, --concurrency and --rounds must be at least 1");
     }
     raise_fd_limit();
     let relay = Relay {
