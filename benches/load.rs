@@ -1058,15 +1058,24 @@ async fn churn(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     Ok(out)
 }
 
-/// Thousands of clients mean thousands of UDP sockets: lift the soft descriptor limit.
+/// Thousands of clients mean thousands of sockets (a few per client): lift the
+/// descriptor limit, past the hard limit where allowed (root), else to the hard limit.
 fn raise_fd_limit() {
+    const WANTED: libc::rlim_t = 1 << 18;
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
         let mut l = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: WANTED.max(l.rlim_max),
+            rlim_max: WANTED.max(l.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }

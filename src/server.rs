@@ -58,7 +58,10 @@ impl Server {
 
         let swarm = SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()
-            .with_quic()
+            .with_quic_config(|mut c| {
+                c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
+                c
+            })
             .with_bandwidth_metrics(&mut registry)
             .with_behaviour(|key| Behaviour::new(key, &config))
             .unwrap_or_else(|never| match never {})
