@@ -104,6 +104,12 @@ fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
 
 fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.verbose, "info");
+    // jemalloc returns freed memory to the OS only while the allocator is in use, so a
+    // relay that goes quiet after a burst of clients would keep its peak RSS; its
+    // background thread purges on a timer instead (BENCHMARKS.md, churn).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!("jemalloc background thread not enabled: {e}");
+    }
     let config = Config::try_from(args)?;
     let (key, source) = identity::load_or_generate(&args.identity)?;
     match source {
