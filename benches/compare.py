@@ -183,7 +183,8 @@ FULL = [
     ("bulk", ["bulk", "--mib", "1024"], ["--max-circuit-bytes", "0"],
      "circuits end after 128 KiB"),
     ("dht", ["dht", "--clients", "100", "--records", "500", "--gets", "50"], [], True),
-    ("churn", ["churn", "--concurrency", "32", "--seconds", "30", "--settle", "60"], [], True),
+    ("churn", ["churn", "--concurrency", "32", "--rounds", "3", "--seconds", "10", "--settle", "60"],
+     [], True),
 ]
 
 SMOKE = [
@@ -287,7 +288,10 @@ ROWS = [
     ("DHT get p99", "dht", "get_p99_ms", "ms", "{:.1f}", False, ""),
     ("DHT RSS per stored record (50,000)", "dht", "rss_per_record_bytes", "B", "{:.0f}", False, ""),
     ("DHT failures", "dht", "failures", "", "{:.0f}", False, "0"),
-    ("Churn 30 s, 32 workers: cycles/s", "churn", "per_s", "/s", "{:.0f}", True, ""),
+    ("Churn 3 × 10 s, 32 workers: cycles/s", "churn", "per_s", "/s", "{:.0f}", True, ""),
+    ("Churn: RSS after round 3 / round 1", "churn", "rounds_growth", "", "{:.3f}", False,
+     "flat (no leak)"),
+    ("Churn: RSS 60 s after", "churn", "rss_after_mib", "MiB", "{:.1f}", False, ""),
     ("Churn: RSS after / idle", "churn", "rss_after_vs_idle", "", "{:.3f}", False, "≤ 1.10"),
     ("Churn: failures", "churn", "failures", "", "{:.0f}", False, "0"),
     ("Identity API (wrk, 16 conns): requests", "wrk", "per_s", "/s", "{:.0f}", True, ""),
@@ -397,6 +401,10 @@ def main():
                              f"127.{10 + i}.0.0")
                 if "rss_at_n_kib" in r:
                     r["rss_at_n_mib"] = r["rss_at_n_kib"] / 1024
+                if "rss_after_kib" in r:
+                    r["rss_after_mib"] = r["rss_after_kib"] / 1024
+                if len(r.get("rss_rounds_kib", [])) > 1:
+                    r["rounds_growth"] = r["rss_rounds_kib"][-1] / r["rss_rounds_kib"][0]
                 log(f"{name} on {kind}: {json.dumps(r)}")
                 run_res[kind][name] = r
         results["privstack-relay"].append(run_res["privstack-relay"])
