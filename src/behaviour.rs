@@ -55,6 +55,12 @@ impl Behaviour {
         // The event loop bootstraps on its own timer, and only when there are
         // `--bootstrap` relays: a lone relay has nobody to bootstrap from.
         kad_config.set_periodic_bootstrap_interval(None);
+        // The event loop stores inbound records and providers itself (with
+        // `KAD_RECORD_TTL`): Kademlia would shorten a record's lifetime by the number of
+        // known peers closer to its key than the relay, and a relay knows every
+        // connected client, so on a busy relay most records expired on arrival.
+        kad_config.set_record_ttl(None);
+        kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
         let store = MemoryStore::with_config(
             peer_id,
             MemoryStoreConfig {

@@ -31,6 +31,11 @@ pub const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// at about 290 MiB in the worst case (typical records are ~300 bytes: ~25 MiB).
 pub const KAD_MAX_RECORDS: usize = 65_536;
 
+/// How long the relay keeps a record after its last `put`: rust-libp2p's default record
+/// TTL. PrivStack clients re-publish every 30 s, so this only decides how long a group
+/// whose devices have all gone stays findable.
+pub const KAD_RECORD_TTL: Duration = Duration::from_secs(48 * 60 * 60);
+
 /// Largest record value accepted. A PrivStack record is JSON
 /// `{"device_name","addresses","timestamp"}`: under 1.5 KiB even with a dozen addresses,
 /// so 4 KiB covers it with room while keeping the worst-case store small.

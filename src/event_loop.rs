@@ -4,7 +4,7 @@
 //! watch channel and the shared metrics registry.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
@@ -79,6 +79,8 @@ pub struct EventLoop {
     listen_requests: HashMap<ListenerId, Multiaddr>,
     /// Observed-address candidates and the distinct peers that reported them.
     observed: HashMap<Multiaddr, HashSet<PeerId>>,
+    /// Whether a refused record was logged since the last gauge update.
+    store_full_logged: bool,
     snapshot: watch::Sender<Snapshot>,
 }
 
@@ -103,6 +105,7 @@ impl EventLoop {
             listeners: HashMap::new(),
             listen_requests: HashMap::new(),
             observed: HashMap::new(),
+            store_full_logged: false,
             snapshot,
         }
     }
@@ -207,8 +210,46 @@ impl EventLoop {
         self.update_routing_gauge();
         let kad = &mut self.swarm.behaviour_mut().kad;
         use libp2p::kad::store::RecordStore;
+        // Nothing else removes expired records (Kademlia only drops one when asked for
+        // it), and a store full of them would refuse new sync groups.
+        let now = Instant::now();
+        kad.store_mut().retain(|_, r| !r.is_expired(now));
         let records = kad.store_mut().records().count();
         self.metrics.kad_records.set(records as i64);
+        self.store_full_logged = false;
+    }
+
+    /// A record a client put on the relay, kept for [`defaults::KAD_RECORD_TTL`].
+    fn store_record(&mut self, source: PeerId, mut record: kad::Record) {
+        use libp2p::kad::store::RecordStore;
+        record.expires = Some(Instant::now() + defaults::KAD_RECORD_TTL);
+        let key = record.key.clone();
+        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
+            self.store_not_stored(&e);
+            tracing::debug!(%source, ?key, "record not stored: {e}");
+        }
+    }
+
+    fn store_provider(&mut self, provider: kad::ProviderRecord) {
+        use libp2p::kad::store::RecordStore;
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .add_provider(provider)
+        {
+            self.store_not_stored(&e);
+        }
+    }
+
+    /// A full store is the operator's business (`--kad-max-records`): say so once per
+    /// gauge interval rather than once per refused record.
+    fn store_not_stored(&mut self, e: &kad::store::Error) {
+        if !self.store_full_logged {
+            tracing::warn!("kademlia store refuses records: {e} (see --kad-max-records)");
+            self.store_full_logged = true;
+        }
     }
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -348,18 +389,29 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(event) => {
                 self.libp2p_metrics.record(&event);
-                if matches!(
-                    event,
-                    kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. }
-                ) {
-                    self.update_routing_gauge();
-                }
-                if let kad::Event::OutboundQueryProgressed {
-                    result: kad::QueryResult::Bootstrap(Err(e)),
-                    ..
-                } = &event
-                {
-                    tracing::debug!("kademlia bootstrap failed: {e:?}");
+                match event {
+                    kad::Event::RoutingUpdated { .. } | kad::Event::UnroutablePeer { .. } => {
+                        self.update_routing_gauge()
+                    }
+                    kad::Event::OutboundQueryProgressed {
+                        result: kad::QueryResult::Bootstrap(Err(e)),
+                        ..
+                    } => tracing::debug!("kademlia bootstrap failed: {e:?}"),
+                    kad::Event::InboundRequest {
+                        request:
+                            kad::InboundRequest::PutRecord {
+                                source,
+                                record: Some(record),
+                                ..
+                            },
+                    } => self.store_record(source, record),
+                    kad::Event::InboundRequest {
+                        request:
+                            kad::InboundRequest::AddProvider {
+                                record: Some(provider),
+                            },
+                    } => self.store_provider(provider),
+                    _ => {}
                 }
             }
             BehaviourEvent::Ping(event) => self.libp2p_metrics.record(&event),

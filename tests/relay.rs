@@ -224,6 +224,58 @@ async fn sync_group_discovery_through_records() {
     server.shutdown().await;
 }
 
+/// Kademlia shortens a received record's lifetime by the number of known peers closer to
+/// its key than itself (down to zero). A relay knows every connected client, so on a busy
+/// relay records put on it expired on arrival; it must keep them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_put_on_a_busy_relay_stay_there() {
+    let server = spawn_relay(|_| {}).await;
+    let relay = server.peer_id();
+    let mut crowd = Vec::new();
+    for i in 0..60u8 {
+        let mut c = TestClient::new(Some(Ipv4Addr::new(127, 0, 4, 10 + i))).await;
+        c.connect(server.loopback_multiaddr()).await;
+        crowd.push(c);
+    }
+    // (k-buckets hold 20 peers each, so not all 60 fit in the routing table.)
+    wait_metric(&server, "relay_kad_routing_peers", |v| v >= 40.0).await;
+
+    let writer = &mut crowd[0];
+    let keys: Vec<kad::RecordKey> = (0..30)
+        .map(|i| syncgroup_key(&format!("busy-relay-{i}")))
+        .collect();
+    for key in &keys {
+        let mut record = kad::Record::new(key.clone(), b"{}".to_vec());
+        record.publisher = Some(writer.peer_id);
+        let id = writer
+            .with(move |s| {
+                s.behaviour_mut().kad.put_record_to(
+                    record,
+                    std::iter::once(relay),
+                    kad::Quorum::One,
+                )
+            })
+            .await;
+        writer
+            .wait("put_record_to the relay", |ev| match ev {
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                    kad::Event::OutboundQueryProgressed {
+                        id: qid,
+                        result: kad::QueryResult::PutRecord(r),
+                        ..
+                    },
+                )) if qid == id => Some(r.expect("relay accepts the record")),
+                _ => None,
+            })
+            .await;
+    }
+
+    // Every acknowledged record is in the relay's store (the gauge is refreshed every
+    // 10 s; before the fix, records with enough closer peers were dropped on arrival).
+    wait_metric(&server, "relay_kad_records", |v| v == 30.0).await;
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departed_nated_peers_leave_the_routing_table() {
     let server = spawn_relay(|_| {}).await;
