@@ -169,10 +169,10 @@ class Relay:
 # (name, load generator arguments, extra flags for privstack-relay, libp2p-server: True to
 #  run it, or the reason it cannot)
 FULL = [
-    ("reservations-128", ["reservations", "--clients", "128"], [], True),
-    ("reservations-2000", ["reservations", "--clients", "2000"], [],
+    ("reservations-128", ["reservations", "--clients", "128", "--concurrency", "32"], [], True),
+    ("reservations-2000", ["reservations", "--clients", "2000", "--concurrency", "32"], [],
      "refuses past 128 reservations"),
-    ("reservations-10000", ["reservations", "--clients", "10000", "--concurrency", "128"],
+    ("reservations-10000", ["reservations", "--clients", "10000", "--concurrency", "32"],
      ["--max-reservations", "10000", "--max-connections", "16384"],
      "refuses past 128 reservations"),
     ("circuits-100", ["circuits", "--clients", "100", "--concurrency", "16",

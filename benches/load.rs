@@ -111,6 +111,9 @@ struct Args {
     /// First client address; clients count up from the next address.
     #[arg(long, default_value = "127.1.0.0")]
     ip_base: Ipv4Addr,
+    /// reservations: run as a helper of another generator process (internal).
+    #[arg(long, hide = true)]
+    child: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -450,16 +453,21 @@ impl Failures {
 
 // ----- scenarios -----------------------------------------------------------------------
 
-async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
-    let idle = sample(args.pid);
-    let addrs = Arc::new(Addrs::new(args.ip_base));
-    let gate = Arc::new(Semaphore::new(args.concurrency));
-    let failures = Arc::new(Failures::default());
-    let lost = Arc::new(AtomicUsize::new(0));
-    let (stop_tx, stop) = watch::channel(false);
-    let (done_tx, mut done) = mpsc::unbounded_channel::<Option<Duration>>();
-    let t0 = Instant::now();
-    for _ in 0..args.clients {
+/// Start `n` clients that connect, reserve and hold their reservation until `stop`;
+/// each reports its setup time (or `None` on failure) on the returned channel.
+fn hold_clients(
+    n: usize,
+    concurrency: usize,
+    ip_base: Ipv4Addr,
+    relay: &Relay,
+    failures: &Arc<Failures>,
+    lost: &Arc<AtomicUsize>,
+    stop: &watch::Receiver<bool>,
+) -> mpsc::UnboundedReceiver<Option<Duration>> {
+    let addrs = Arc::new(Addrs::new(ip_base));
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let (done_tx, done) = mpsc::unbounded_channel::<Option<Duration>>();
+    for _ in 0..n {
         let (relay, addrs, gate, failures, lost) = (
             relay.clone(),
             addrs.clone(),
@@ -507,23 +515,132 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             let _ = stop.wait_for(|s| *s).await;
         });
     }
-    drop(done_tx);
+    done
+}
+
+/// Clients one process can hold: libp2p-quic keeps two descriptors per listening client
+/// (its socket and a clone for hole punching), and the descriptor limit may be fixed.
+fn clients_per_process() -> usize {
+    // SAFETY: getrlimit with a valid pointer to a local struct.
+    let soft = unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur
+    };
+    (soft.saturating_sub(256) / 2).clamp(1, 100_000) as usize
+}
+
+/// `reservations --child`: hold a share of the clients for a parent process. Prints one
+/// JSON line when set up, waits for stdin to close, prints one line with the losses.
+async fn reservations_child(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let failures = Arc::new(Failures::default());
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut done = hold_clients(
+        args.clients,
+        args.concurrency,
+        args.ip_base,
+        relay,
+        &failures,
+        &lost,
+        &stop,
+    );
+    let mut lat = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        if let Some(Some(d)) = done.recv().await {
+            lat.push(ms(d));
+        }
+    }
+    println!(
+        "{}",
+        json!({"latencies": lat, "failures": failures.count(), "errors": failures.json()})
+    );
+    let _ = tokio::task::spawn_blocking(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    Ok(json!({"lost": lost.load(Ordering::Relaxed), "failures": 0}))
+}
+
+async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt as _;
+    if args.child {
+        return reservations_child(args, relay).await;
+    }
+    let idle = sample(args.pid);
+    let failures = Arc::new(Failures::default());
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    // Beyond what one process's descriptors allow, child processes hold the rest.
+    let procs = args.clients.div_ceil(clients_per_process());
+    let share = args.clients.div_ceil(procs);
+    let concurrency = (args.concurrency / procs).max(1);
+    let t0 = Instant::now();
+    let mut children = Vec::new();
+    for k in 1..procs {
+        let n = share.min(args.clients - k * share);
+        let base = Ipv4Addr::from(u32::from(args.ip_base) + (k * share) as u32);
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("reservations")
+            .arg("--child")
+            .args(["--relay", &args.relay.to_string()])
+            .args(["--clients", &n.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--ip-base", &base.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start a child load generator")?;
+        let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+        children.push((child, lines));
+    }
+    let own = args.clients - share * (procs - 1);
+    let mut done = hold_clients(
+        own,
+        concurrency,
+        args.ip_base,
+        relay,
+        &failures,
+        &lost,
+        &stop,
+    );
     let mut lat = Vec::with_capacity(args.clients);
     let mut seen = 0;
-    while let Some(r) = done.recv().await {
+    while seen < own {
+        let Some(r) = done.recv().await else { break };
         seen += 1;
         if let Some(d) = r {
             lat.push(ms(d));
         }
         if seen % 1000 == 0 {
             eprintln!(
-                "{seen}/{} set up ({:.1} s)",
-                args.clients,
+                "{seen}/{own} set up here ({:.1} s)",
                 t0.elapsed().as_secs_f64()
             );
         }
-        if seen == args.clients {
-            break;
+    }
+    let mut child_failures = 0;
+    for (_, lines) in &mut children {
+        let line = lines
+            .next_line()
+            .await?
+            .context("child load generator ended early")?;
+        let r: serde_json::Value = serde_json::from_str(&line)?;
+        lat.extend(
+            r["latencies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_f64()),
+        );
+        child_failures += r["failures"].as_u64().unwrap_or(0) as usize;
+        for e in r["errors"].as_array().into_iter().flatten() {
+            eprintln!("child: {e}");
         }
     }
     let setup_s = t0.elapsed().as_secs_f64();
@@ -533,11 +650,23 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let at_n = sample(args.pid);
     tokio::time::sleep(Duration::from_secs(args.hold)).await;
     let _ = stop_tx.send(true);
+    let local_lost = lost.load(Ordering::Relaxed);
+    let mut child_lost = 0;
+    for (mut child, mut lines) in children {
+        drop(child.stdin.take());
+        if let Some(line) = lines.next_line().await? {
+            let r: serde_json::Value = serde_json::from_str(&line)?;
+            child_lost += r["result"]["lost"].as_u64().unwrap_or(0) as usize;
+        }
+        child.wait().await?;
+    }
     let (p50, p99) = percentiles(lat);
     let mut out = json!({
         "clients": args.clients,
-        "held": ok - lost.load(Ordering::Relaxed).min(ok),
-        "failures": failures.count(),
+        "processes": procs,
+        "held": ok - (local_lost + child_lost).min(ok),
+        // Local losses are in `failures` already.
+        "failures": failures.count() + child_failures + child_lost,
         "errors": failures.json(),
         "setup_s": setup_s,
         "per_s": ok as f64 / setup_s,
