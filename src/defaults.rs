@@ -84,10 +84,10 @@ pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
 
 /// Streams a client may have open at once on its QUIC connection. quinn sets up state
 /// for every allowed stream when a connection starts, so libp2p-quic's 256 cost about
-/// 30 KiB per connection, a third of an idle reservation (BENCHMARKS.md). 96 covers
+/// 18 KiB per connection, a fifth of an idle reservation (BENCHMARKS.md). 96 covers
 /// what a client uses at once: 16 circuits in each direction (one stream each),
-/// Kademlia's 32 concurrent requests, identify and ping; and 96 entries still fit
-/// the smallest hash table size quinn's per-stream maps grow to for 64.
+/// Kademlia's 32 concurrent requests, identify and ping; and 96 entries take the same
+/// hash-table size in quinn's per-stream maps as 64 would.
 pub const QUIC_MAX_STREAMS_PER_CONNECTION: u32 = 96;
 
 /// QUIC handshakes in progress at once; bounds the CPU a handshake flood can take.
