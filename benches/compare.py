@@ -2,9 +2,10 @@
 """privstack-relay against libp2p-server 0.13.0 (and the direct path), side by side.
 
 Usage:
-  benches/compare.py [--runs N] [--write]   the whole comparison (about 10 min per run)
+  benches/compare.py [--runs N] [--write]   the whole comparison (about 5 min per run)
   benches/compare.py --smoke                every scenario on a small scale, this relay only:
                                             fails if any scenario fails (CI runs this)
+  benches/compare.py --from-results F [--write]   the table of a saved run
 
 Runs each scenario of the load generator (benches/load.rs) against a fresh relay
 process per scenario and run, this relay and libp2p-server back to back, and prints one
@@ -16,9 +17,9 @@ Prepares what it needs: wrk and musl-tools (apt-get), libp2p-server 0.13.0
 (`cargo bench --bench load --no-run`) and, unless --relay-bin is given, the release
 binary (`release/build.sh` for this machine's musl target). Then it re-runs itself in a
 new network namespace (unshare; root, or user namespaces for others) with only a
-loopback interface: all traffic stays on 127.0.0.0/8, libp2p-server's fixed metrics port
-(8888) cannot collide with anything, and its attempt to join the public IPFS DHT goes
-nowhere.
+loopback interface: all traffic stays on 127.0.0.0/8, libp2p-server's fixed metrics
+port (8888) cannot collide with anything, and its attempt to join the public IPFS DHT
+goes nowhere. (--smoke starts only this relay, on free ports, without a namespace.)
 """
 import argparse, base64, datetime, json, os, platform, re, shutil, signal, socket
 import statistics, subprocess, sys, tempfile, time, urllib.request
