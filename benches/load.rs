@@ -831,6 +831,25 @@ async fn circuits(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     Ok(out)
 }
 
+/// Move `bytes` to `target` over the swarm's connection to it; returns the seconds taken.
+async fn timed_transfer(
+    swarm: &mut Swarm<Client>,
+    what: &str,
+    target: PeerId,
+    bytes: usize,
+) -> Result<f64> {
+    let control = swarm.behaviour().stream.new_control();
+    let t = Instant::now();
+    drive(
+        swarm,
+        what,
+        Duration::from_secs(600),
+        transfer(control, target, bytes),
+    )
+    .await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let addrs = Addrs::new(args.ip_base);
     let bytes = args.mib << 20;
@@ -847,7 +866,6 @@ async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let a_task = tokio::spawn(serve(a));
     let mut b = client(addrs.take(), false).await?;
     connect(&mut b, relay).await?;
-    let timeout = Duration::from_secs(600);
 
     // Direct: the physical limit of this machine for two QUIC peers.
     b.dial(a_addr)?;
@@ -861,32 +879,14 @@ async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         _ => None,
     })
     .await?;
-    let control = b.behaviour().stream.new_control();
-    let t = Instant::now();
-    drive(
-        &mut b,
-        "direct transfer",
-        timeout,
-        transfer(control, a_id, bytes),
-    )
-    .await?;
-    let direct_s = t.elapsed().as_secs_f64();
+    let direct_s = timed_transfer(&mut b, "direct transfer", a_id, bytes).await?;
     disconnect(&mut b, a_id).await?;
     eprintln!("direct: {:.1} MiB/s", args.mib as f64 / direct_s);
 
     // Relayed: the same pair through a circuit.
     dial_circuit(&mut b, relay, a_id).await?;
-    let control = b.behaviour().stream.new_control();
     let before = sample(args.pid);
-    let t = Instant::now();
-    drive(
-        &mut b,
-        "relayed transfer",
-        timeout,
-        transfer(control, a_id, bytes),
-    )
-    .await?;
-    let relayed_s = t.elapsed().as_secs_f64();
+    let relayed_s = timed_transfer(&mut b, "relayed transfer", a_id, bytes).await?;
     let after = sample(args.pid);
     eprintln!("relayed: {:.1} MiB/s", args.mib as f64 / relayed_s);
     a_task.abort();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
+use libp2p::kad::store::RecordStore;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
@@ -209,29 +210,29 @@ impl EventLoop {
     fn update_gauges(&mut self) {
         self.update_routing_gauge();
         let kad = &mut self.swarm.behaviour_mut().kad;
-        use libp2p::kad::store::RecordStore;
         // Nothing else removes expired records (Kademlia only drops one when asked for
         // it), and a store full of them would refuse new sync groups.
         let now = Instant::now();
-        kad.store_mut().retain(|_, r| !r.is_expired(now));
-        let records = kad.store_mut().records().count();
+        let mut records = 0;
+        kad.store_mut().retain(|_, r| {
+            let keep = !r.is_expired(now);
+            records += usize::from(keep);
+            keep
+        });
         self.metrics.kad_records.set(records as i64);
         self.store_full_logged = false;
     }
 
     /// A record a client put on the relay, kept for [`defaults::KAD_RECORD_TTL`].
     fn store_record(&mut self, source: PeerId, mut record: kad::Record) {
-        use libp2p::kad::store::RecordStore;
         record.expires = Some(Instant::now() + defaults::KAD_RECORD_TTL);
-        let key = record.key.clone();
         if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
             self.store_not_stored(&e);
-            tracing::debug!(%source, ?key, "record not stored: {e}");
+            tracing::debug!(%source, "record not stored: {e}");
         }
     }
 
     fn store_provider(&mut self, provider: kad::ProviderRecord) {
-        use libp2p::kad::store::RecordStore;
         if let Err(e) = self
             .swarm
             .behaviour_mut()

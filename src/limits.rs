@@ -51,7 +51,8 @@ impl std::error::Error for Exceeded {}
 pub struct Behaviour {
     limits: Limits,
     pending_incoming: HashSet<ConnectionId>,
-    established: HashSet<ConnectionId>,
+    /// Connections in `per_peer`, all peers together.
+    established: usize,
     per_peer: HashMap<PeerId, HashSet<ConnectionId>>,
 }
 
@@ -89,7 +90,7 @@ impl Behaviour {
         )?;
         Self::check(
             self.limits.max_established,
-            self.established.len(),
+            self.established,
             "established connections",
         )
     }
@@ -145,20 +146,22 @@ impl NetworkBehaviour for Behaviour {
                 connection_id,
                 ..
             }) => {
-                self.established.insert(connection_id);
-                self.per_peer
+                let new = self
+                    .per_peer
                     .entry(peer_id)
                     .or_default()
                     .insert(connection_id);
+                self.established += usize::from(new);
             }
             FromSwarm::ConnectionClosed(ConnectionClosed {
                 peer_id,
                 connection_id,
                 ..
             }) => {
-                self.established.remove(&connection_id);
                 if let Some(set) = self.per_peer.get_mut(&peer_id) {
-                    set.remove(&connection_id);
+                    if set.remove(&connection_id) {
+                        self.established -= 1;
+                    }
                     if set.is_empty() {
                         self.per_peer.remove(&peer_id);
                     }
@@ -247,7 +250,7 @@ mod tests {
             closed(&mut b, *p, 2 * i + 1);
         }
         assert_eq!(b.tracked_peers(), 0);
-        assert!(b.established.is_empty() && b.pending_incoming.is_empty());
+        assert!(b.established == 0 && b.pending_incoming.is_empty());
     }
 
     #[test]
