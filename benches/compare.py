@@ -14,7 +14,7 @@ table: min / median / max over the runs for each, and the median of the per-run 
 
 Prepares what it needs: wrk and musl-tools (apt-get), libp2p-server 0.13.0
 (`cargo install --locked` into target/bench-tools), the load generator
-(`cargo bench --bench load --no-run`) and, unless --relay-bin is given, the release
+(`cargo bench --bench load --no-run`; --smoke: `cargo test`'s profile) and, unless --relay-bin is given, the release
 binary (`release/build.sh` for this machine's musl target). Then it re-runs itself in a
 new network namespace (unshare; root, or user namespaces for others) with only a
 loopback interface: all traffic stays on 127.0.0.0/8, libp2p-server's fixed metrics
@@ -69,8 +69,12 @@ def prepare(args):
         if not os.path.exists(paths["libp2p_server"]):
             run(["cargo", "install", "--locked", "libp2p-server", "--version",
                  LIBP2P_SERVER_VERSION, "--root", TOOLS])
+    # The smoke run measures nothing, so it takes the generator in the test profile, whose
+    # crate graph `cargo test` has just built (only load.rs is compiled); figures come
+    # from the optimised bench profile.
     out = subprocess.run(
-        ["cargo", "bench", "--locked", "--bench", "load", "--no-run", "--message-format=json"],
+        ["cargo", "test" if args.smoke else "bench", "--locked", "--bench", "load", "--no-run",
+         "--message-format=json"],
         cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
     for line in out.splitlines():
         msg = json.loads(line)

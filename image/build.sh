@@ -21,6 +21,7 @@
 #   SUITE     Debian release (default: trixie)
 #   WORKDIR   scratch space, several GiB (default: a new directory under /var/tmp)
 #   KEEP=1    keep the uncompressed .img in DIST (the boot tests use it)
+#   JOBS      variants built at once (default: the number of CPUs)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,6 +33,8 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=${SUITE:-trixie}
 KEEP=${KEEP:-0}
+JOBS=${JOBS:-$(nproc)}
+case "$JOBS" in ''|*[!0-9]*) echo "image/build.sh: JOBS=$JOBS is not a number" >&2; exit 1 ;; esac
 
 die() { echo "image/build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (mmdebstrap --mode=root)"
@@ -133,9 +136,34 @@ build_variant() (
     ls -l "$DIST/$name".*
 )
 
-for variant in "$@"; do
-    build_variant "$variant"
-done
+# Variants build side by side: an arm64 root file system is mostly one dpkg at a time
+# under qemu-user, so one build leaves the other cores idle. Each job logs to its own
+# file, shown when it ends.
+if [ "$JOBS" -le 1 ] || [ $# -le 1 ]; then
+    for variant in "$@"; do
+        build_variant "$variant"
+    done
+else
+    declare -A pids=()
+    failed=""
+    for variant in "$@"; do
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
+        echo "== $variant: building (log: $WORKDIR/$variant.log)"
+        build_variant "$variant" > "$WORKDIR/$variant.log" 2>&1 &
+        pids[$variant]=$!
+    done
+    for variant in "$@"; do
+        if wait "${pids[$variant]}"; then
+            grep -E '^(== |-rw)' "$WORKDIR/$variant.log" || true
+        else
+            echo "== $variant: FAILED, its log:" >&2
+            tail -n 60 "$WORKDIR/$variant.log" >&2
+            failed="$failed $variant"
+        fi
+        rm -f "$WORKDIR/$variant.log"
+    done
+    [ -z "$failed" ] || die "failed:$failed"
+fi
 
 (cd "$DIST" && find . -maxdepth 1 -type f ! -name SHA256SUMS ! -name '*.sha256' ! -name '*.img' -printf '%P\n' \
     | LC_ALL=C sort | xargs -r sha256sum > SHA256SUMS)

@@ -11,7 +11,12 @@ set -euo pipefail
 
 BACKPORTS=/etc/apt/sources.list.d/bookworm-backports.sources
 QEMU_PKGS="qemu-system-x86 qemu-system-arm qemu-efi-aarch64 ovmf qemu-user-static qemu-utils"
-PKGS="mmdebstrap dosfstools mtools fdisk e2fsprogs xz-utils openssh-client python3 curl"
+# Every tool image/build.sh, its hooks and image/test.py call, by package (the check at
+# the end names any that is still missing). Installed without Recommends, so what
+# mmdebstrap only recommends but needs here is listed: arch-test (foreign-architecture
+# root file systems), gpg (it reads the archive keyring to sign-check the mirror).
+PKGS="mmdebstrap arch-test gpg debian-archive-keyring dosfstools mtools fdisk e2fsprogs
+xz-utils openssh-client python3 curl coreutils tar gzip util-linux"
 . /etc/os-release
 BACKPORTS_SUITE=""
 [ "${VERSION_CODENAME:-}" = bookworm ] && BACKPORTS_SUITE=bookworm-backports
@@ -51,4 +56,16 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
     [ -n "$conf" ] || { echo "image/deps.sh: no qemu-aarch64 binfmt definition" >&2; exit 1; }
     grep -v '^#' "$conf" > /proc/sys/fs/binfmt_misc/register
 fi
+# Check what was installed, not what was asked for: a package that installs without the
+# command (renamed, split) fails here, not in the middle of an image build.
+absent=""
+for cmd in mmdebstrap arch-test gpg sfdisk mkfs.vfat mcopy mmd mtype mke2fs xz qemu-img \
+    qemu-system-x86_64 qemu-system-aarch64 qemu-aarch64-static ssh ssh-keygen python3 curl chroot; do
+    command -v "$cmd" >/dev/null 2>&1 || absent="$absent $cmd"
+done
+for f in /usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/OVMF/OVMF_VARS_4M.fd \
+    /usr/share/AAVMF/AAVMF_CODE.fd /usr/share/AAVMF/AAVMF_VARS.fd; do
+    [ -e "$f" ] || absent="$absent $f"
+done
+[ -z "$absent" ] || { echo "image/deps.sh: still missing after install:$absent" >&2; exit 1; }
 echo "image/deps.sh: ready (qemu $(qemu-system-x86_64 --version | head -n1 | awk '{print $4}'), mmdebstrap $(mmdebstrap --version | awk '{print $2}'))"
