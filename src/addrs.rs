@@ -104,6 +104,15 @@ pub fn is_unspecified(addr: &Multiaddr) -> bool {
     }
 }
 
+/// The IP an address starts with.
+pub fn ip(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
 /// `addr` without a trailing `/p2p/<peer id>`.
 pub fn without_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()

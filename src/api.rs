@@ -21,7 +21,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::defaults;
-use crate::event_loop::Snapshot;
+use crate::state::{Snapshot, stopped};
 
 #[derive(Clone)]
 struct AppState {
@@ -176,10 +176,4 @@ pub async fn serve(
     {
         tracing::debug!("HTTP connections still open after the grace period; closing them");
     }
-}
-
-/// Resolves once `rx` holds `true` (or its sender is gone).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // Drop the borrow at once: holding it across an await would make the future !Send.
-    let _ = rx.wait_for(|stop| *stop).await;
 }

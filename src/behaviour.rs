@@ -3,26 +3,28 @@
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, ping, relay};
 
 use crate::config::Config;
 use crate::defaults;
+use crate::kademlia::Kademlia;
 use crate::limits;
+use crate::metrics::StoreMetrics;
+use crate::record_store::RelayStore;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     // First, so connections over the limits are denied before other behaviours see them.
     pub limits: limits::Behaviour,
     pub relay: relay::Behaviour,
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: Kademlia,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
 }
 
 impl Behaviour {
-    pub fn new(key: &Keypair, config: &Config) -> Self {
+    pub fn new(key: &Keypair, config: &Config, store_metrics: StoreMetrics) -> Self {
         let peer_id = key.public().to_peer_id();
 
         let limits = limits::Behaviour::new(limits::Limits {
@@ -55,22 +57,19 @@ impl Behaviour {
         // The event loop bootstraps on its own timer, and only when there are
         // `--bootstrap` relays: a lone relay has nobody to bootstrap from.
         kad_config.set_periodic_bootstrap_interval(None);
-        // The event loop stores inbound records and providers itself (with
-        // `KAD_RECORD_TTL`): Kademlia would shorten a record's lifetime by the number of
-        // known peers closer to its key than the relay, and a relay knows every
-        // connected client, so on a busy relay most records expired on arrival.
+        // The store keeps every record for the full TTL itself (src/record_store.rs):
+        // with a TTL, Kademlia would shorten each received record's lifetime by the
+        // number of known peers closer to its key than the relay, and a relay knows
+        // every connected client, so on a busy relay most records expired on arrival.
         kad_config.set_record_ttl(None);
-        kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
-        let store = MemoryStore::with_config(
-            peer_id,
-            MemoryStoreConfig {
-                max_records: config.kad_max_records,
-                max_value_bytes: config.kad_max_value_bytes,
-                ..Default::default()
-            },
-        );
+        kad_config.set_provider_record_ttl(None);
+        // Kademlia asks the store itself and resets the request when the store refuses,
+        // so a refused put fails at the client instead of being acknowledged.
+        kad_config.set_record_filtering(kad::StoreInserts::Unfiltered);
+        let store = RelayStore::new(peer_id, config.store.clone(), store_metrics);
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         kad.set_mode(Some(kad::Mode::Server));
+        let kad = Kademlia::new(kad);
 
         let identify = identify::Behaviour::new(
             identify::Config::new(defaults::PROTOCOL_VERSION.to_owned(), key.public())

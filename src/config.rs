@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, multiaddr::Protocol};
 
 use crate::defaults;
+use crate::record_store::StoreLimits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,6 +108,28 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_VALUE_BYTES", default_value_t = defaults::KAD_MAX_VALUE_BYTES)]
     pub kad_max_value_bytes: usize,
 
+    /// Longest Kademlia record or provider key accepted, in bytes.
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_KEY_BYTES", default_value_t = defaults::KAD_MAX_KEY_BYTES)]
+    pub kad_max_key_bytes: usize,
+
+    /// Kademlia provider records held in memory.
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_PROVIDERS", default_value_t = defaults::KAD_MAX_PROVIDERS)]
+    pub kad_max_providers: usize,
+
+    /// Records and provider records one peer may hold (0 = no quota).
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_RECORDS_PER_PEER", default_value_t = defaults::KAD_MAX_RECORDS_PER_PEER)]
+    pub kad_max_records_per_peer: usize,
+
+    /// Records and provider records the peers of one host (IPv4 address, IPv6 /64) may
+    /// hold together (0 = no quota).
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_RECORDS_PER_HOST", default_value_t = defaults::KAD_MAX_RECORDS_PER_HOST)]
+    pub kad_max_records_per_host: usize,
+
+    /// Records and provider records the peers of one network (IPv4 /24, IPv6 /48) may
+    /// hold together (0 = no quota).
+    #[arg(long, env = "PRIVSTACK_RELAY_KAD_MAX_RECORDS_PER_NETWORK", default_value_t = defaults::KAD_MAX_RECORDS_PER_NETWORK)]
+    pub kad_max_records_per_network: usize,
+
     /// Relay reservations held at once (0 = unlimited).
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_RESERVATIONS", default_value_t = defaults::MAX_RESERVATIONS)]
     pub max_reservations: usize,
@@ -183,8 +206,7 @@ pub struct Config {
     pub external_addresses: Vec<Multiaddr>,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub kad_protocol: StreamProtocol,
-    pub kad_max_records: usize,
-    pub kad_max_value_bytes: usize,
+    pub store: StoreLimits,
     pub relay: RelayLimits,
     pub max_connections: Option<u32>,
     pub max_connections_per_peer: Option<u32>,
@@ -276,6 +298,30 @@ impl TryFrom<&RunArgs> for Config {
                 flag: "kad-max-value-bytes",
             });
         }
+        if a.kad_max_key_bytes == 0 {
+            return Err(ConfigError::Zero {
+                flag: "kad-max-key-bytes",
+            });
+        }
+        if a.kad_max_providers == 0 {
+            return Err(ConfigError::Zero {
+                flag: "kad-max-providers",
+            });
+        }
+        // A Kademlia message is at most 16 KiB; a key or value that does not fit in one
+        // could never be answered anyway.
+        for (flag, value) in [
+            ("kad-max-value-bytes", a.kad_max_value_bytes),
+            ("kad-max-key-bytes", a.kad_max_key_bytes),
+        ] {
+            if value > defaults::KAD_MAX_MESSAGE_BYTES {
+                return Err(ConfigError::TooLarge {
+                    flag,
+                    value: value as u64,
+                    max: defaults::KAD_MAX_MESSAGE_BYTES as u64,
+                });
+            }
+        }
         if a.reservation_duration_secs == 0 {
             return Err(ConfigError::Zero {
                 flag: "reservation-duration-secs",
@@ -303,8 +349,17 @@ impl TryFrom<&RunArgs> for Config {
             external_addresses,
             bootstrap,
             kad_protocol,
-            kad_max_records: a.kad_max_records,
-            kad_max_value_bytes: a.kad_max_value_bytes,
+            store: StoreLimits {
+                max_records: a.kad_max_records,
+                max_providers: a.kad_max_providers,
+                max_key_bytes: a.kad_max_key_bytes,
+                max_value_bytes: a.kad_max_value_bytes,
+                per_peer: a.kad_max_records_per_peer,
+                per_host: a.kad_max_records_per_host,
+                per_network: a.kad_max_records_per_network,
+                providers_per_key: defaults::KAD_PROVIDERS_PER_KEY,
+                ttl: defaults::KAD_RECORD_TTL,
+            },
             relay: RelayLimits {
                 max_reservations: unlimited_usize(a.max_reservations),
                 max_reservations_per_peer: unlimited_usize(a.max_reservations_per_peer),
@@ -338,7 +393,9 @@ mod tests {
         assert_eq!(c.port, 4001);
         assert_eq!(c.http_port, 4002);
         assert_eq!(c.kad_protocol.as_ref(), "/ipfs/kad/1.0.0");
-        assert!(c.kad_max_records >= 50_000);
+        assert!(c.store.max_records >= 50_000);
+        // PrivStack's keys: `/privstack/syncgroup/` + 32 bytes.
+        assert!(c.store.max_key_bytes >= 53);
         assert!(c.relay.max_circuit_bytes >= 2 * 64 * 1024 * 1024);
     }
 

@@ -41,6 +41,51 @@ pub const KAD_RECORD_TTL: Duration = Duration::from_secs(48 * 60 * 60);
 /// so 4 KiB covers it with room while keeping the worst-case store small.
 pub const KAD_MAX_VALUE_BYTES: usize = 4 * 1024;
 
+/// Longest key accepted. PrivStack's keys are 53 bytes (`/privstack/syncgroup/` and a
+/// SHA-256); IPFS and js-libp2p keys (multihashes, `/ipns/`, `/pk/`) are under 50.
+/// 128 leaves room while keeping a full store's worst case small (README, "Records").
+pub const KAD_MAX_KEY_BYTES: usize = 128;
+
+/// Provider records held (js-libp2p and IPFS peers announce content with them;
+/// PrivStack does not use them). Each is a key and a few addresses.
+pub const KAD_MAX_PROVIDERS: usize = 65_536;
+
+/// Providers kept per key: Kademlia's replication factor, as libp2p's store keeps.
+pub const KAD_PROVIDERS_PER_KEY: usize = 20;
+
+/// Records one peer may hold. A PrivStack device holds one per sync group it is in
+/// (most are in one or two); 64 leaves room without letting one key fill the store.
+pub const KAD_MAX_RECORDS_PER_PEER: usize = 64;
+
+/// Records the peers behind one IPv4 address (IPv6 /64) may hold: a household or an
+/// office behind one NAT, a few dozen devices with a few groups each; 1,024 also
+/// leaves room for a small CGNAT pool sharing one address. One host so holds at most
+/// 1/64 of the default store.
+pub const KAD_MAX_RECORDS_PER_HOST: usize = 1024;
+
+/// Records the peers of one IPv4 /24 (IPv6 /48) may hold: 1/16 of the default store.
+pub const KAD_MAX_RECORDS_PER_NETWORK: usize = 4096;
+
+/// Largest Kademlia message rust-libp2p accepts (its default `max_packet_size`).
+pub const KAD_MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Addresses the relay keeps in its routing table per peer. A device has a handful of
+/// interfaces; libp2p's identify keeps a bounded set of its own too.
+pub const ROUTING_MAX_ADDRS_PER_PEER: usize = 16;
+
+/// Bytes of (binary multiaddr) addresses per peer. The largest Kademlia answer is a
+/// `GET_PROVIDERS` reply with 20 providers and 20 closer peers: 40 entries of a 38-byte
+/// peer ID, up to 256 bytes of addresses and protobuf framing (~2 bytes per field) stay
+/// under 14 KiB, inside the 16 KiB rust-libp2p clients accept; a `GET_VALUE` reply (20
+/// peers and a record of at most 128 + 4,096 bytes) likewise. 256 bytes are 12 IPv6 or
+/// 28 IPv4 QUIC addresses.
+pub const ROUTING_MAX_ADDR_BYTES_PER_PEER: usize = 256;
+
+/// identify updates per peer and minute that change the routing table; later ones
+/// wait (the latest is applied when the minute has passed). A device sends one when
+/// it connects and one per change of its interfaces.
+pub const ROUTING_MAX_IDENTIFY_PER_MINUTE: usize = 10;
+
 /// How often the relay re-bootstraps Kademlia (refreshes its buckets and reconnects to
 /// `--bootstrap` relays). Five minutes keeps a federation joined after a peer restarts
 /// without generating noticeable traffic.
@@ -101,9 +146,14 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the counters are logged.
 pub const STATS_LOG_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
-/// Distinct peers an observed address must be reported by before the relay trusts it
-/// as its own external address (when no `--external-address` is given).
-pub const OBSERVED_ADDR_CONFIRMATIONS: usize = 3;
+/// Distinct networks (IPv4 /24, IPv6 /48) whose peers must report the same observed
+/// address before the relay adopts it as its own external address (when no
+/// `--external-address` is given). Peer IDs are free to mint; networks are not.
+pub const OBSERVED_ADDR_NETWORKS: usize = 3;
+
+/// Observed-address candidates remembered at once (src/external.rs evicts the one
+/// with the fewest networks behind it).
+pub const OBSERVED_ADDR_CANDIDATES: usize = 64;
 
 /// Unique peers counted exactly; beyond this `peers_served` switches to a 16 KiB
 /// HyperLogLog estimate (about 1% error) so the count never costs more than ~2 MiB.

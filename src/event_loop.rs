@@ -1,68 +1,33 @@
-//! The task that owns the [`Swarm`]: peer handling, addresses, metrics.
+//! The task that owns the [`Swarm`]: a thin driver that feeds swarm events to the
+//! policies and applies what they decide.
 //!
-//! Nothing else touches the swarm. The HTTP side reads [`Snapshot`]s published on a
+//! The decisions live in their own modules, each testable without a swarm: who enters
+//! the routing table ([`crate::routing`]), what the store keeps ([`crate::record_store`],
+//! inside Kademlia), which observed address the relay adopts ([`crate::external`]).
+//! Nothing else touches the swarm: the HTTP side reads [`Snapshot`]s published on a
 //! watch channel and the shared metrics registry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
-use libp2p::kad::store::RecordStore;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, relay};
 use tokio::sync::watch;
 
-use crate::addrs::{self, Reach};
+use crate::addrs;
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::Config;
 use crate::defaults;
+use crate::external::ObservedAddrs;
 use crate::metrics::{RelayMetrics, UniquePeers};
-
-/// What the HTTP API serves, published by the event loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub peer_id: PeerId,
-    /// Dialable addresses first (configured, then public, private, loopback), then the
-    /// wildcard listen addresses the original relay listed.
-    pub addresses: Vec<Multiaddr>,
-    /// At least one QUIC listener is up.
-    pub listening: bool,
-}
-
-/// Final figures, logged periodically and returned at shutdown.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub peers_served: u64,
-    pub relayed_connections: u64,
-    pub reservations: i64,
-    pub circuits: i64,
-    pub connections: i64,
-}
-
-impl std::fmt::Display for Stats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "peers_served={} relayed_connections={} reservations={} circuits={} connections={}",
-            self.peers_served,
-            self.relayed_connections,
-            self.reservations,
-            self.circuits,
-            self.connections
-        )
-    }
-}
-
-/// What the relay knows about a connected peer, to decide whether to keep it in the
-/// routing table once it leaves.
-#[derive(Default)]
-struct PeerAddrs {
-    addrs: HashSet<Multiaddr>,
-}
+use crate::record_store::Refusal;
+use crate::routing::{Action, RoutingPolicy};
+use crate::state::{Snapshot, Stats, stopped};
 
 pub struct EventLoop {
     pub(crate) swarm: Swarm<Behaviour>,
@@ -70,18 +35,14 @@ pub struct EventLoop {
     metrics: RelayMetrics,
     libp2p_metrics: Libp2pMetrics,
     unique_peers: UniquePeers,
-    connected: HashMap<PeerId, PeerAddrs>,
-    bootstrap_peers: HashSet<PeerId>,
+    routing: RoutingPolicy,
     /// Active reservations per peer.
     reservations: HashMap<PeerId, u32>,
     /// Concrete addresses per QUIC listener.
     listeners: HashMap<ListenerId, Vec<Multiaddr>>,
     /// Wildcard addresses we asked to listen on, per listener.
     listen_requests: HashMap<ListenerId, Multiaddr>,
-    /// Observed-address candidates and the distinct peers that reported them.
-    observed: HashMap<Multiaddr, HashSet<PeerId>>,
-    /// Whether a refused record was logged since the last gauge update.
-    store_full_logged: bool,
+    observed: ObservedAddrs,
     snapshot: watch::Sender<Snapshot>,
 }
 
@@ -93,20 +54,18 @@ impl EventLoop {
         libp2p_metrics: Libp2pMetrics,
         snapshot: watch::Sender<Snapshot>,
     ) -> Self {
-        let bootstrap_peers = config.bootstrap.iter().map(|(p, _)| *p).collect();
+        let routing = RoutingPolicy::new(config.bootstrap.iter().map(|(p, _)| *p));
         Self {
             swarm,
             config,
             metrics,
             libp2p_metrics,
             unique_peers: UniquePeers::default(),
-            connected: HashMap::new(),
-            bootstrap_peers,
+            routing,
             reservations: HashMap::new(),
             listeners: HashMap::new(),
             listen_requests: HashMap::new(),
-            observed: HashMap::new(),
-            store_full_logged: false,
+            observed: ObservedAddrs::default(),
             snapshot,
         }
     }
@@ -183,7 +142,7 @@ impl EventLoop {
                 _ = stats_log.tick() => tracing::info!("{}", self.stats()),
                 _ = gauges.tick() => self.update_gauges(),
                 _ = bootstrap.tick() => self.bootstrap(),
-                _ = crate::api::stopped(&mut shutdown) => break,
+                _ = stopped(&mut shutdown) => break,
             }
         }
         let stats = self.stats();
@@ -208,49 +167,61 @@ impl EventLoop {
     }
 
     fn update_gauges(&mut self) {
-        self.update_routing_gauge();
-        let kad = &mut self.swarm.behaviour_mut().kad;
-        // Nothing else removes expired records (Kademlia only drops one when asked for
-        // it), and a store full of them would refuse new sync groups.
         let now = Instant::now();
-        let mut records = 0;
-        kad.store_mut().retain(|_, r| {
-            let keep = !r.is_expired(now);
-            records += usize::from(keep);
-            keep
-        });
+        let actions = self.routing.tick(now);
+        self.apply(actions);
+        self.update_routing_gauge();
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        // Expired entries go now rather than only when room is needed, so the gauges
+        // show what is live.
+        store.purge(now);
+        let (records, providers) = (store.record_count(), store.provider_count());
+        let refusal = store.take_last_refusal();
         self.metrics.kad_records.set(records as i64);
-        self.store_full_logged = false;
-    }
-
-    /// A record a client put on the relay, kept for [`defaults::KAD_RECORD_TTL`].
-    fn store_record(&mut self, source: PeerId, mut record: kad::Record) {
-        record.expires = Some(Instant::now() + defaults::KAD_RECORD_TTL);
-        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(record) {
-            self.store_not_stored(&e);
-            tracing::debug!(%source, "record not stored: {e}");
+        self.metrics.kad_providers.set(providers as i64);
+        if let Some(why) = refusal {
+            // Once per gauge interval at most, naming the setting that decides.
+            match why {
+                Refusal::Full => tracing::warn!(
+                    records,
+                    providers,
+                    "kademlia store is full and refuses new entries (see --kad-max-records, --kad-max-providers)"
+                ),
+                Refusal::Quota => tracing::info!(
+                    "kademlia store refused entries over a source's quota (see --kad-max-records-per-peer, -per-host, -per-network)"
+                ),
+                Refusal::TooLarge => {
+                    tracing::debug!("kademlia store refused values over --kad-max-value-bytes")
+                }
+                Refusal::BadKey => {
+                    tracing::debug!("kademlia store refused keys over --kad-max-key-bytes")
+                }
+            }
         }
     }
 
-    fn store_provider(&mut self, provider: kad::ProviderRecord) {
-        if let Err(e) = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .store_mut()
-            .add_provider(provider)
-        {
-            self.store_not_stored(&e);
+    /// Apply the routing policy's decisions to Kademlia.
+    fn apply(&mut self, actions: Vec<Action>) {
+        if actions.is_empty() {
+            return;
         }
-    }
-
-    /// A full store is the operator's business (`--kad-max-records`): say so once per
-    /// gauge interval rather than once per refused record.
-    fn store_not_stored(&mut self, e: &kad::store::Error) {
-        if !self.store_full_logged {
-            tracing::warn!("kademlia store refuses records: {e} (see --kad-max-records)");
-            self.store_full_logged = true;
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for action in actions {
+            match action {
+                Action::Add(peer, addr) => {
+                    kad.add_address(&peer, addr);
+                }
+                Action::Remove(peer, addr) => {
+                    kad.remove_address(&peer, &addr);
+                }
+                Action::Forget(peer) => {
+                    if kad.remove_peer(&peer).is_some() {
+                        tracing::debug!(%peer, "removed from the routing table");
+                    }
+                }
+            }
         }
+        self.update_routing_gauge();
     }
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -307,26 +278,27 @@ impl EventLoop {
                 tracing::warn!("listener error: {error}");
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
             } => {
                 self.metrics.connections.inc();
                 let grown = self.unique_peers.insert(&peer_id);
                 self.metrics.peers_served.inc_by(grown);
-                let remote = match &endpoint {
-                    ConnectedPoint::Dialer { address, .. } => address.clone(),
-                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
+                let (remote, outbound) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address, true),
+                    ConnectedPoint::Listener { send_back_addr, .. } => (send_back_addr, false),
                 };
                 tracing::debug!(%peer_id, %remote, "connection established");
-                let remote = addrs::without_p2p(&remote);
-                self.connected
-                    .entry(peer_id)
-                    .or_default()
-                    .addrs
-                    .insert(remote.clone());
-                self.swarm.behaviour_mut().kad.add_address(&peer_id, remote);
+                let actions = self
+                    .routing
+                    .connected(peer_id, connection_id, remote, outbound);
+                self.apply(actions);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
@@ -334,8 +306,12 @@ impl EventLoop {
                 self.metrics.connections.dec();
                 tracing::debug!(%peer_id, ?cause, "connection closed");
                 if num_established == 0 {
-                    self.peer_left(peer_id);
+                    self.reservation_ended(peer_id, u32::MAX);
                 }
+                let actions = self
+                    .routing
+                    .disconnected(peer_id, connection_id, num_established);
+                self.apply(actions);
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -359,29 +335,17 @@ impl EventLoop {
         }
     }
 
-    /// A peer's last connection closed. Peers with no publicly dialable address leave
-    /// the routing table: they are NATed clients, and handing them to other clients'
-    /// queries would cost each query a handshake timeout.
-    fn peer_left(&mut self, peer: PeerId) {
-        self.reservation_ended(peer, u32::MAX);
-        let known = self.connected.remove(&peer).unwrap_or_default();
-        if self.bootstrap_peers.contains(&peer) {
-            return;
-        }
-        if !known.addrs.iter().any(addrs::is_public)
-            && self.swarm.behaviour_mut().kad.remove_peer(&peer).is_some()
-        {
-            tracing::debug!(%peer, "left; removed from the routing table (not publicly dialable)");
-            self.update_routing_gauge();
-        }
-    }
-
     fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Identify(event) => {
                 self.libp2p_metrics.record(&event);
-                if let identify::Event::Received { peer_id, info, .. } = event {
-                    self.identified(peer_id, info);
+                if let identify::Event::Received {
+                    peer_id,
+                    connection_id,
+                    info,
+                } = event
+                {
+                    self.identified(peer_id, connection_id, info);
                 }
             }
             BehaviourEvent::Relay(event) => {
@@ -398,20 +362,6 @@ impl EventLoop {
                         result: kad::QueryResult::Bootstrap(Err(e)),
                         ..
                     } => tracing::debug!("kademlia bootstrap failed: {e:?}"),
-                    kad::Event::InboundRequest {
-                        request:
-                            kad::InboundRequest::PutRecord {
-                                source,
-                                record: Some(record),
-                                ..
-                            },
-                    } => self.store_record(source, record),
-                    kad::Event::InboundRequest {
-                        request:
-                            kad::InboundRequest::AddProvider {
-                                record: Some(provider),
-                            },
-                    } => self.store_provider(provider),
                     _ => {}
                 }
             }
@@ -420,41 +370,38 @@ impl EventLoop {
         }
     }
 
-    fn identified(&mut self, peer: PeerId, info: identify::Info) {
+    fn identified(
+        &mut self,
+        peer: PeerId,
+        connection: libp2p::swarm::ConnectionId,
+        info: identify::Info,
+    ) {
         tracing::debug!(
             %peer,
             agent = %info.agent_version,
             addrs = info.listen_addrs.len(),
             "identified"
         );
-        let entry = self.connected.entry(peer).or_default();
-        for addr in &info.listen_addrs {
-            entry.addrs.insert(addrs::without_p2p(addr));
-        }
-        for addr in info.listen_addrs {
-            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
-        }
-        self.observed_addr(peer, info.observed_addr);
-    }
-
-    /// Trust an address other peers see us at once enough distinct peers agree, unless
-    /// the operator configured the external addresses.
-    fn observed_addr(&mut self, peer: PeerId, addr: Multiaddr) {
-        if !self.config.external_addresses.is_empty() || addrs::reach(&addr) != Reach::Public {
+        let speaks_kad = info.protocols.contains(&self.config.kad_protocol);
+        let now = Instant::now();
+        let reporter = self.routing.remote(&peer, connection).cloned();
+        let actions = self
+            .routing
+            .identified(peer, info.listen_addrs, speaks_kad, now);
+        self.apply(actions);
+        // Trust an address others see the relay at once peers from enough distinct
+        // networks agree, unless the operator configured the external addresses.
+        if !self.config.external_addresses.is_empty() {
             return;
         }
-        let addr = addrs::without_p2p(&addr);
-        if self.swarm.external_addresses().any(|a| a == &addr) {
+        let Some(reporter_ip) = reporter.as_ref().and_then(addrs::ip) else {
+            return;
+        };
+        let observed = addrs::without_p2p(&info.observed_addr);
+        if self.swarm.external_addresses().any(|a| a == &observed) {
             return;
         }
-        // Bound the candidate table: a hostile peer could report endless addresses.
-        if !self.observed.contains_key(&addr) && self.observed.len() >= 64 {
-            self.observed.clear();
-        }
-        let reporters = self.observed.entry(addr.clone()).or_default();
-        reporters.insert(peer);
-        if reporters.len() >= defaults::OBSERVED_ADDR_CONFIRMATIONS {
-            self.observed.remove(&addr);
+        if let Some(addr) = self.observed.observed(&observed, reporter_ip, now) {
             self.swarm.add_external_address(addr);
         }
     }

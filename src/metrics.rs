@@ -5,6 +5,7 @@ use std::hash::BuildHasher;
 
 use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -22,6 +23,21 @@ pub struct RelayMetrics {
     pub connections: Gauge,
     pub kad_routing_peers: Gauge,
     pub kad_records: Gauge,
+    pub kad_providers: Gauge,
+    pub store: StoreMetrics,
+}
+
+/// What the record store refused (by reason) and purged; counted by the store itself.
+#[derive(Clone, Default, Debug)]
+pub struct StoreMetrics {
+    pub refused: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub purged: Counter,
+}
+
+impl StoreMetrics {
+    pub fn refused(&self, reason: &'static str) -> u64 {
+        self.refused.get_or_create(&vec![("reason", reason)]).get()
+    }
 }
 
 impl RelayMetrics {
@@ -61,6 +77,21 @@ impl RelayMetrics {
             "relay_kad_records",
             "Records in the Kademlia store",
             m.kad_records.clone(),
+        );
+        registry.register(
+            "relay_kad_providers",
+            "Provider records in the Kademlia store",
+            m.kad_providers.clone(),
+        );
+        registry.register(
+            "relay_kad_refused",
+            "Records and provider records the store refused, by reason (full, quota, too_large, bad_key)",
+            m.store.refused.clone(),
+        );
+        registry.register(
+            "relay_kad_purged",
+            "Expired records and provider records removed from the store",
+            m.store.purged.clone(),
         );
         m
     }

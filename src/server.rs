@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::behaviour::Behaviour;
 use crate::config::Config;
-use crate::event_loop::{EventLoop, Snapshot, Stats};
+use crate::event_loop::EventLoop;
 use crate::metrics::RelayMetrics;
+use crate::state::{Snapshot, Stats};
 use crate::{api, defaults};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +64,7 @@ impl Server {
                 c
             })
             .with_bandwidth_metrics(&mut registry)
-            .with_behaviour(|key| Behaviour::new(key, &config))
+            .with_behaviour(|key| Behaviour::new(key, &config, metrics.store.clone()))
             .unwrap_or_else(|never| match never {})
             .with_swarm_config(|c| {
                 c.with_idle_connection_timeout(defaults::IDLE_CONNECTION_TIMEOUT)

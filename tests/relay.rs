@@ -11,7 +11,6 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, kad};
 use privstack_relay::client;
-use sha2::Digest;
 
 const V: &str = env!("CARGO_PKG_VERSION");
 
@@ -340,46 +339,9 @@ async fn circuit_carries_64_mib_each_way() {
     a.reserve(&relay_addr).await.expect("reservation accepted");
     wait_metric(&server, "relay_reservations", |v| v == 1.0).await;
 
-    let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
-    let a_id = a.peer_id;
-    let endpoint = b.dial_via_circuit(&relay_addr, a_id).await;
+    let endpoint = b.dial_via_circuit(&relay_addr, a.peer_id).await;
     assert!(endpoint.is_relayed());
-
-    let data = |seed: u8| -> Vec<u8> {
-        use rand::{RngCore, SeedableRng};
-        let mut v = vec![0u8; SIZE];
-        rand::rngs::StdRng::from_seed([seed; 32]).fill_bytes(&mut v);
-        v
-    };
-    let (to_a, to_b) = (data(1), data(2));
-    let (to_a_hash, to_b_hash) = (sha2::Sha256::digest(&to_a), sha2::Sha256::digest(&to_b));
-
-    // A: read everything B sends, then send its own payload back.
-    let a_side = tokio::spawn(async move {
-        let (peer, mut stream) = incoming.next().await.unwrap();
-        let mut got = Vec::with_capacity(SIZE);
-        stream.read_to_end(&mut got).await.unwrap();
-        stream.write_all(&to_b).await.unwrap();
-        stream.close().await.unwrap();
-        (peer, sha2::Sha256::digest(&got), got.len())
-    });
-    let mut control = b.control.clone();
-    let b_side = tokio::spawn(async move {
-        let mut stream = control.open_stream(a_id, TRANSFER_PROTOCOL).await.unwrap();
-        stream.write_all(&to_a).await.unwrap();
-        stream.close().await.unwrap();
-        let mut got = Vec::with_capacity(SIZE);
-        stream.read_to_end(&mut got).await.unwrap();
-        (sha2::Sha256::digest(&got), got.len())
-    });
-    let limit = Duration::from_secs(600);
-    let (peer, a_got, a_len) = tokio::time::timeout(limit, a_side).await.unwrap().unwrap();
-    let (b_got, b_len) = tokio::time::timeout(limit, b_side).await.unwrap().unwrap();
-    assert_eq!(peer, b.peer_id);
-    assert_eq!(a_len, SIZE);
-    assert_eq!(b_len, SIZE);
-    assert_eq!(a_got, to_a_hash, "B→A payload intact");
-    assert_eq!(b_got, to_b_hash, "A→B payload intact");
+    exchange_through_circuit(&mut a, &mut b, SIZE).await;
 
     let text = fetch_metrics(&server).await;
     assert_eq!(metric(&text, "relayed_connections_total"), Some(1.0));

@@ -295,26 +295,41 @@ impl TestClient {
 
 impl TestClient {
     /// Connect to the relay and reserve a slot there (`listen_on .../p2p-circuit`);
-    /// `Err` carries the reason the relay refused.
-    pub async fn reserve(&mut self, relay_addr: &Multiaddr) -> Result<(), String> {
+    /// returns the relayed addresses built from the reservation's relay addresses, or
+    /// the reason the relay refused.
+    pub async fn reserve(&mut self, relay_addr: &Multiaddr) -> Result<Vec<Multiaddr>, String> {
         let Some(Protocol::P2p(relay)) = relay_addr.iter().last() else {
             panic!("{relay_addr} has no /p2p/");
         };
         self.connect(relay_addr.clone()).await;
         let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
         let listener = self.with(move |s| s.listen_on(circuit)).await.unwrap();
-        self.wait("reservation outcome", |ev| match ev {
-            SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
-                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
-            )) if relay_peer_id == relay => Some(Ok(())),
-            SwarmEvent::ListenerClosed {
-                listener_id,
-                reason,
-                ..
-            } if listener_id == listener => Some(Err(format!("{reason:?}"))),
-            _ => None,
-        })
-        .await
+        let mut accepted = false;
+        let mut addrs = Vec::new();
+        while !accepted || addrs.is_empty() {
+            let ev = self
+                .wait("reservation outcome", |ev| match ev {
+                    SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
+                        relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+                    )) if relay_peer_id == relay => Some(Ok(None)),
+                    SwarmEvent::NewListenAddr {
+                        listener_id,
+                        address,
+                    } if listener_id == listener => Some(Ok(Some(address))),
+                    SwarmEvent::ListenerClosed {
+                        listener_id,
+                        reason,
+                        ..
+                    } if listener_id == listener => Some(Err(format!("{reason:?}"))),
+                    _ => None,
+                })
+                .await?;
+            match ev {
+                None => accepted = true,
+                Some(a) => addrs.push(a),
+            }
+        }
+        Ok(addrs)
     }
 
     /// Dial `target` through the relay's circuit; returns the connection's endpoint.
@@ -339,6 +354,51 @@ impl TestClient {
         })
         .await
     }
+}
+
+/// B opens a stream to A over their (relayed) connection and sends `size` random
+/// bytes; A reads them all and sends `size` others back. Both sides check the length
+/// and SHA-256 of what they received.
+pub async fn exchange_through_circuit(a: &mut TestClient, b: &mut TestClient, size: usize) {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use sha2::Digest;
+    let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
+    let a_id = a.peer_id;
+    let data = |seed: u8| -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0u8; size];
+        rand::rngs::StdRng::from_seed([seed; 32]).fill_bytes(&mut v);
+        v
+    };
+    let (to_a, to_b) = (data(1), data(2));
+    let (to_a_hash, to_b_hash) = (sha2::Sha256::digest(&to_a), sha2::Sha256::digest(&to_b));
+
+    // A: read everything B sends, then send its own payload back.
+    let a_side = tokio::spawn(async move {
+        let (peer, mut stream) = incoming.next().await.unwrap();
+        let mut got = Vec::with_capacity(size);
+        stream.read_to_end(&mut got).await.unwrap();
+        stream.write_all(&to_b).await.unwrap();
+        stream.close().await.unwrap();
+        (peer, sha2::Sha256::digest(&got), got.len())
+    });
+    let mut control = b.control.clone();
+    let b_side = tokio::spawn(async move {
+        let mut stream = control.open_stream(a_id, TRANSFER_PROTOCOL).await.unwrap();
+        stream.write_all(&to_a).await.unwrap();
+        stream.close().await.unwrap();
+        let mut got = Vec::with_capacity(size);
+        stream.read_to_end(&mut got).await.unwrap();
+        (sha2::Sha256::digest(&got), got.len())
+    });
+    let limit = Duration::from_secs(600);
+    let (peer, a_got, a_len) = tokio::time::timeout(limit, a_side).await.unwrap().unwrap();
+    let (b_got, b_len) = tokio::time::timeout(limit, b_side).await.unwrap().unwrap();
+    assert_eq!(peer, b.peer_id);
+    assert_eq!(a_len, size);
+    assert_eq!(b_len, size);
+    assert_eq!(a_got, to_a_hash, "B→A payload intact");
+    assert_eq!(b_got, to_b_hash, "A→B payload intact");
 }
 
 /// PrivStack's record key: `/privstack/syncgroup/` + SHA-256(normalised sync code).

@@ -1,0 +1,725 @@
+//! The relay as it runs on the internet: a NAT lab of network namespaces.
+//!
+//! Each test builds its own topology under a prefix of its own (`psrl-<pid>-<n>-`):
+//!
+//! ```text
+//!   relay ns: 11.0.0.10/16 ──┐
+//!                            ├── inet ns: bridge "br0" (the internet, 11.0.0.0/16)
+//!   home N router: wan 11.0.N.1/16 ──┘   nft masquerade (home 2: random ports, like a
+//!        │ lan 192.168.N.1/24              symmetric NAT), stateful: nothing comes in
+//!   home N LAN ns: eth0 192.168.N.2/24, default route via the router
+//! ```
+//!
+//! No namespace has an interface or route to the host's network: veths are created
+//! between lab namespaces only, so packets cannot leave. Everything is deleted when the
+//! lab is dropped, also when a test fails; namespaces left by a run that crashed (its
+//! process is gone) are deleted before a new lab is built. Needs root, `ip` and `nft`;
+//! without them the tests say so and pass without running, unless
+//! `PRIVSTACK_NAT_LAB=required` (`.ci/run`, as root) makes that a failure.
+//!
+//! The relay and the devices run in this process, each in a thread that entered its
+//! namespace (`setns`) and drives its own single-threaded runtime, so every socket they
+//! open belongs to that namespace. Devices are real rust-libp2p peers behaving like
+//! PrivStack: QUIC only, Kademlia in server mode, listening on 0.0.0.0 so identify
+//! carries their LAN and loopback addresses, put + get of sync-group records.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, kad};
+use privstack_relay::addrs::{self, Reach};
+use privstack_relay::config::RunArgs;
+use privstack_relay::{Config, Server};
+use tokio::sync::oneshot;
+
+const RELAY_IP: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 10);
+/// Home 1's router forwards this address to the relay: a device that dials it reports
+/// an observed address the relay is not at (a forgery from one network).
+const DECOY_IP: Ipv4Addr = Ipv4Addr::new(11, 0, 66, 66);
+const PREFIX: &str = "psrl-";
+
+static LABS: AtomicUsize = AtomicUsize::new(0);
+
+/// The namespaces of one test; deleted on drop.
+struct Lab {
+    prefix: String,
+    homes: usize,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sh(cmd: &str, args: &[&str]) {
+    run(cmd, args).unwrap_or_else(|e| panic!("lab setup: {e}"));
+}
+
+/// Delete namespaces of earlier runs whose process is gone.
+fn remove_stale() {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "delete", name]);
+        }
+    }
+}
+
+impl Lab {
+    /// A lab with `homes` homes, or `None` (after saying why) where namespaces cannot
+    /// be made here.
+    /// With `PRIVSTACK_NAT_LAB=required` (as `.ci/run` sets it) a lab that cannot be
+    /// made fails the test instead.
+    fn new(homes: usize) -> Option<Lab> {
+        let skip = |why: &str| {
+            if std::env::var("PRIVSTACK_NAT_LAB").as_deref() == Ok("required") {
+                panic!("the NAT lab cannot run here: {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+        };
+        if !nix::unistd::geteuid().is_root() {
+            skip("the NAT lab needs root (network namespaces)");
+            return None;
+        }
+        for tool in ["ip", "nft"] {
+            if run(tool, &["-V"]).is_err() {
+                skip(&format!("the NAT lab needs `{tool}` (iproute2, nftables)"));
+                return None;
+            }
+        }
+        remove_stale();
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        let lab = Lab {
+            prefix: format!("{PREFIX}{}-{n}-", std::process::id()),
+            homes,
+        };
+        // Built after `lab` exists: a failure half way is cleaned up by its drop.
+        lab.build();
+        Some(lab)
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v = vec![self.ns("inet"), self.ns("relay")];
+        for h in 1..=self.homes {
+            v.push(self.ns(&format!("r{h}")));
+            v.push(self.ns(&format!("h{h}")));
+        }
+        v
+    }
+
+    fn build(&self) {
+        for ns in self.names() {
+            sh("ip", &["netns", "add", &ns]);
+            sh("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let inet = self.ns("inet");
+        sh("ip", &["-n", &inet, "link", "add", "br0", "type", "bridge"]);
+        sh("ip", &["-n", &inet, "link", "set", "br0", "up"]);
+        let relay = self.ns("relay");
+        self.wire(&inet, "p-relay", &relay, "eth0");
+        sh(
+            "ip",
+            &["-n", &inet, "link", "set", "p-relay", "master", "br0", "up"],
+        );
+        sh(
+            "ip",
+            &["-n", &relay, "addr", "add", "11.0.0.10/16", "dev", "eth0"],
+        );
+        sh("ip", &["-n", &relay, "link", "set", "eth0", "up"]);
+        for h in 1..=self.homes {
+            let router = self.ns(&format!("r{h}"));
+            let home = self.ns(&format!("h{h}"));
+            let port = format!("p-r{h}");
+            self.wire(&inet, &port, &router, "wan");
+            sh(
+                "ip",
+                &["-n", &inet, "link", "set", &port, "master", "br0", "up"],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &router,
+                    "addr",
+                    "add",
+                    &format!("11.0.{h}.1/16"),
+                    "dev",
+                    "wan",
+                ],
+            );
+            sh("ip", &["-n", &router, "link", "set", "wan", "up"]);
+            self.wire(&router, "lan", &home, "eth0");
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &router,
+                    "addr",
+                    "add",
+                    &format!("192.168.{h}.1/24"),
+                    "dev",
+                    "lan",
+                ],
+            );
+            sh("ip", &["-n", &router, "link", "set", "lan", "up"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &home,
+                    "addr",
+                    "add",
+                    &format!("192.168.{h}.2/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            sh("ip", &["-n", &home, "link", "set", "eth0", "up"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &home,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("192.168.{h}.1"),
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &router,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            );
+            // Home 2 maps every flow to a random port (like a symmetric NAT); home 1
+            // keeps ports where it can. Both are stateful: only replies come in.
+            let random = if h == 2 { " random,fully-random" } else { "" };
+            // Home 1 also forwards DECOY_IP to the relay (see DECOY_IP).
+            let decoy = if h == 1 {
+                format!(
+                    "chain decoy {{ type nat hook prerouting priority dstnat; ip daddr {DECOY_IP} dnat to {RELAY_IP}; }}"
+                )
+            } else {
+                String::new()
+            };
+            let rules = format!(
+                "table ip nat {{\n\
+                 chain masq {{ type nat hook postrouting priority srcnat; oifname \"wan\" masquerade{random}; }}\n\
+                 {decoy}\n\
+                 }}\n\
+                 table ip filter {{\n\
+                 chain forwarding {{ type filter hook forward priority filter; policy drop;\n\
+                 ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }}\n\
+                 }}\n"
+            );
+            let path = std::env::temp_dir().join(format!("{}r{h}.nft", self.prefix));
+            std::fs::write(&path, rules).unwrap();
+            let file = path.to_str().unwrap().to_owned();
+            sh("ip", &["netns", "exec", &router, "nft", "-f", &file]);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// A veth pair between two lab namespaces (never the host's).
+    fn wire(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
+        sh(
+            "ip",
+            &[
+                "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+            ],
+        );
+    }
+
+    /// The relay in its namespace on a free port, with `tweak` applied to its
+    /// defaults; `external`: with `--external-address` at its public address and port.
+    async fn relay(
+        &self,
+        external: bool,
+        tweak: impl FnOnce(&mut RunArgs) + Send + 'static,
+    ) -> InNs<Server> {
+        InNs::start(&self.ns("relay"), async move {
+            let port = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                .and_then(|s| s.local_addr())
+                .expect("a free UDP port in the relay's namespace")
+                .port();
+            let mut args = RunArgs {
+                port,
+                http_port: 0,
+                ..RunArgs::default()
+            };
+            if external {
+                args.external_addresses = vec![
+                    format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1")
+                        .parse()
+                        .unwrap(),
+                ];
+            }
+            tweak(&mut args);
+            let config = Config::try_from(&args).expect("valid lab config");
+            Server::spawn(libp2p::identity::Keypair::generate_ed25519(), config)
+                .await
+                .expect("relay starts")
+        })
+        .await
+    }
+
+    /// A PrivStack-style device in home `h`: it listens on 0.0.0.0, so identify
+    /// carries the home's LAN and loopback addresses, as PrivStack's do.
+    async fn device(&self, h: usize) -> InNs<TestClient> {
+        InNs::start(&self.ns(&format!("h{h}")), async move {
+            TestClient::new(Some(Ipv4Addr::UNSPECIFIED)).await
+        })
+        .await
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.names().into_iter().rev() {
+            let _ = run("ip", &["netns", "delete", &ns]);
+        }
+    }
+}
+
+/// A value made inside a namespace by a thread that stays there, running the runtime
+/// that drives it, until this is dropped.
+struct InNs<T> {
+    value: Option<T>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> InNs<T> {
+    async fn start<F>(ns: &str, make: F) -> InNs<T>
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let path = format!("/run/netns/{ns}");
+        let (tx, rx) = oneshot::channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("namespace exists");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let _ = tx.send(make.await);
+                let _ = stopped.await;
+            });
+        });
+        let value = rx.await.expect("namespace thread started");
+        InNs {
+            value: Some(value),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Take the value out (its tasks keep running in the namespace thread).
+    fn into_parts(mut self) -> (T, InNs<()>) {
+        let value = self.value.take().unwrap();
+        let rest = InNs {
+            value: Some(()),
+            stop: self.stop.take(),
+            thread: self.thread.take(),
+        };
+        (value, rest)
+    }
+}
+
+impl<T> std::ops::Deref for InNs<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value.as_ref().unwrap()
+    }
+}
+
+impl<T> std::ops::DerefMut for InNs<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().unwrap()
+    }
+}
+
+impl<T> Drop for InNs<T> {
+    fn drop(&mut self) {
+        drop(self.value.take());
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The relay's address as devices dial it.
+fn public_addr(relay: &Server) -> Multiaddr {
+    Multiaddr::empty()
+        .with(Protocol::Ip4(RELAY_IP))
+        .with(Protocol::Udp(relay.quic_addrs()[0].port()))
+        .with(Protocol::QuicV1)
+        .with(Protocol::P2p(relay.peer_id()))
+}
+
+fn relay_metric(relay: &Server, name: &str) -> Option<f64> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, relay.registry()).unwrap();
+    metric(&text, name)
+}
+
+async fn wait_relay_metric(relay: &Server, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = relay_metric(relay, name).filter(|v| ok(*v)) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metric {name} never reached the expected value (now {:?})",
+            relay_metric(relay, name)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn record(key: kad::RecordKey, publisher: PeerId, lan: Ipv4Addr) -> kad::Record {
+    let value = serde_json::json!({
+        "device_name": "lab device",
+        "addresses": [format!("/ip4/{lan}/udp/4100/quic-v1"), "/ip4/127.0.0.1/udp/4100/quic-v1"],
+        "timestamp": 1_764_000_000u64,
+    });
+    let mut r = kad::Record::new(key, serde_json::to_vec(&value).unwrap());
+    r.publisher = Some(publisher);
+    r
+}
+
+/// Whether `addr` is one a device in another network must never be handed: private,
+/// loopback, or one of the lab's NAT routers (an inbound mapping).
+fn undialable(addr: &Multiaddr) -> bool {
+    match addrs::ip(addr) {
+        Some(IpAddr::V4(ip)) if ip.octets()[0] == 11 && ip.octets()[3] == 1 => true,
+        _ => matches!(addrs::reach(addr), Reach::Private | Reach::Loopback),
+    }
+}
+
+/// What `b` is told about `a` while it runs `get_closest_peers(a)` through the relay:
+/// every address it dials `a` at (a peer handed out in an answer is dialed at the
+/// addresses the answer carried), whether it dialed `a` at all, and the query's
+/// failures (each one a handshake timeout on a real NAT).
+async fn what_b_learns_of(b: &mut TestClient, a: PeerId) -> (Vec<Multiaddr>, bool, u32) {
+    let id = b
+        .with(move |s| s.behaviour_mut().kad.get_closest_peers(a))
+        .await;
+    let mut addrs = Vec::new();
+    let mut dialed = false;
+    loop {
+        enum Seen {
+            Done(u32),
+            Dialing,
+            Tried(Vec<Multiaddr>),
+            Routing(Vec<Multiaddr>),
+        }
+        let seen = b
+            .wait("get_closest_peers", |ev| match ev {
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
+                    kad::Event::OutboundQueryProgressed {
+                        id: qid,
+                        step,
+                        stats,
+                        ..
+                    },
+                )) if qid == id && step.last => Some(Seen::Done(stats.num_failures())),
+                SwarmEvent::Dialing {
+                    peer_id: Some(p), ..
+                } if p == a => Some(Seen::Dialing),
+                SwarmEvent::OutgoingConnectionError {
+                    peer_id: Some(p),
+                    error: libp2p::swarm::DialError::Transport(tried),
+                    ..
+                } if p == a => Some(Seen::Tried(tried.into_iter().map(|(m, _)| m).collect())),
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                    peer,
+                    addresses,
+                    ..
+                })) if peer == a => Some(Seen::Routing(addresses.into_vec())),
+                _ => None,
+            })
+            .await;
+        match seen {
+            Seen::Done(failures) => return (addrs, dialed, failures),
+            Seen::Dialing => dialed = true,
+            Seen::Tried(m) | Seen::Routing(m) => addrs.extend(m),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_behind_two_nats_find_each_other_and_nothing_undialable_is_handed_out() {
+    let Some(lab) = Lab::new(2) else { return };
+    let relay = lab.relay(true, |_| {}).await;
+    let relay_addr = public_addr(&relay);
+    let relay_id = relay.peer_id();
+    let mut a = lab.device(1).await;
+    let mut b = lab.device(2).await;
+    a.bootstrap_via(relay_addr.clone()).await;
+    b.bootstrap_via(relay_addr.clone()).await;
+    wait_relay_metric(&relay, "relay_connections", |v| v == 2.0).await;
+
+    // Discovery through the sync group's record, across both NATs.
+    let key = syncgroup_key("lab-group");
+    let rec = record(key.clone(), a.peer_id, Ipv4Addr::new(192, 168, 1, 2));
+    a.put_record(rec)
+        .await
+        .expect("A's put succeeds through its NAT");
+    let found = b.get_record(key).await;
+    assert_eq!(
+        found.first().expect("B finds A's record").record.publisher,
+        Some(a.peer_id)
+    );
+
+    // While both are connected: the relay tells neither device anything about the
+    // other, whose addresses (LAN, loopback, its router's mapping) are all undialable
+    // from another network; so nobody dials into a stranger's LAN or waits out a
+    // handshake timeout.
+    let a_id = a.peer_id;
+    let b_id = b.peer_id;
+    for (asker, other) in [(&mut b, a_id), (&mut a, b_id)] {
+        let (handed, dialed, failures) = what_b_learns_of(asker, other).await;
+        let bad: Vec<_> = handed.iter().filter(|x| undialable(x)).collect();
+        assert!(bad.is_empty(), "the relay handed out {bad:?}");
+        assert!(
+            !dialed && failures == 0,
+            "the relay handed out a NATed device (dialed at {handed:?}, {failures} failures)"
+        );
+    }
+    // The relay's routing table holds neither device: their only addresses are ones
+    // nobody outside their homes could dial.
+    assert_eq!(relay_metric(&relay, "relay_kad_routing_peers"), Some(0.0));
+
+    // A leaves: B's queries are not sent anywhere for it (no handshake timeouts).
+    drop(a);
+    wait_relay_metric(&relay, "relay_connections", |v| v == 1.0).await;
+    b.with(move |s| {
+        s.behaviour_mut().kad.remove_peer(&a_id);
+    })
+    .await;
+    let (closest, stats) = b.closest_peers(a_id).await;
+    assert!(!closest.contains(&a_id), "{closest:?}");
+    assert!(closest.contains(&relay_id));
+    assert_eq!(stats.num_failures(), 0, "{stats:?}");
+    drop(b);
+    let (relay, ns) = relay.into_parts();
+    relay.shutdown().await;
+    drop(ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_puts_fail_at_the_device_and_one_home_cannot_fill_the_store() {
+    let Some(lab) = Lab::new(2) else { return };
+    let relay = lab
+        .relay(true, |a| {
+            a.kad_max_records = 13;
+            a.kad_max_records_per_peer = 4;
+            a.kad_max_records_per_host = 10;
+            a.kad_max_value_bytes = 600;
+        })
+        .await;
+    let relay_addr = public_addr(&relay);
+
+    // Home 1 floods: three devices behind its one public address try 4 records each.
+    let mut flooders = Vec::new();
+    for _ in 0..3 {
+        let mut d = lab.device(1).await;
+        d.bootstrap_via(relay_addr.clone()).await;
+        flooders.push(d);
+    }
+    let mut stored = 0;
+    let mut refused = 0;
+    for (i, d) in flooders.iter_mut().enumerate() {
+        for j in 0..4 {
+            let key = syncgroup_key(&format!("flood-{i}-{j}"));
+            let r = record(key, d.peer_id, Ipv4Addr::new(192, 168, 1, 2));
+            match d.put_record(r).await {
+                Ok(()) => stored += 1,
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    assert_eq!(stored, 10, "home 1 holds its host quota and no more");
+    assert_eq!(refused, 2, "puts over the quota fail at the device");
+    wait_relay_metric(&relay, "relay_kad_refused_total{reason=\"quota\"}", |v| {
+        v == 2.0
+    })
+    .await;
+
+    // Home 2 still stores and reads its sync group.
+    let mut b = lab.device(2).await;
+    b.bootstrap_via(relay_addr.clone()).await;
+    let key = syncgroup_key("home-2-group");
+    let rec = record(key.clone(), b.peer_id, Ipv4Addr::new(192, 168, 2, 2));
+    b.put_record(rec)
+        .await
+        .expect("home 2's put succeeds while home 1 is at its quota");
+    let found = b.get_record(key).await;
+    assert_eq!(
+        found.first().expect("found").record.publisher,
+        Some(b.peer_id)
+    );
+
+    // Too large: fails at the device.
+    let mut big = kad::Record::new(syncgroup_key("big"), vec![b'x'; 601]);
+    big.publisher = Some(b.peer_id);
+    assert!(
+        b.put_record(big).await.is_err(),
+        "a value over the limit fails"
+    );
+    // Exactly the limit is accepted.
+    let mut edge = kad::Record::new(syncgroup_key("edge"), vec![b'x'; 600]);
+    edge.publisher = Some(b.peer_id);
+    b.put_record(edge)
+        .await
+        .expect("a value of exactly --kad-max-value-bytes fits");
+
+    // Full: 13 records in all; the next new key fails at the device.
+    let mut c = lab.device(2).await;
+    c.bootstrap_via(relay_addr.clone()).await;
+    let r = record(
+        syncgroup_key("thirteenth"),
+        c.peer_id,
+        Ipv4Addr::new(192, 168, 2, 3),
+    );
+    c.put_record(r).await.expect("the thirteenth record fits");
+    let r = record(
+        syncgroup_key("fourteenth"),
+        c.peer_id,
+        Ipv4Addr::new(192, 168, 2, 3),
+    );
+    assert!(
+        c.put_record(r).await.is_err(),
+        "a full store's refusal fails at the device"
+    );
+    wait_relay_metric(&relay, "relay_kad_refused_total{reason=\"full\"}", |v| {
+        v == 1.0
+    })
+    .await;
+    wait_relay_metric(
+        &relay,
+        "relay_kad_refused_total{reason=\"too_large\"}",
+        |v| v == 1.0,
+    )
+    .await;
+    drop((flooders, b, c));
+    let (relay, ns) = relay.into_parts();
+    relay.shutdown().await;
+    drop(ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_behind_nats_carry_the_public_address_and_circuits_cross() {
+    let Some(lab) = Lab::new(2) else { return };
+    let relay = lab.relay(true, |_| {}).await;
+    let relay_addr = public_addr(&relay);
+    let (mut a, a_ns) = lab.device(1).await.into_parts();
+    let (mut b, b_ns) = lab.device(2).await.into_parts();
+    let reserved = a
+        .reserve(&relay_addr)
+        .await
+        .expect("reservation from behind home 1's NAT");
+    assert!(
+        reserved
+            .iter()
+            .any(|x| addrs::ip(x) == Some(IpAddr::V4(RELAY_IP))),
+        "reservation carries the relay's public address: {reserved:?}"
+    );
+    wait_relay_metric(&relay, "relay_reservations", |v| v == 1.0).await;
+    let endpoint = b.dial_via_circuit(&relay_addr, a.peer_id).await;
+    assert!(endpoint.is_relayed());
+    exchange_through_circuit(&mut a, &mut b, 64 * 1024 * 1024).await;
+    drop((a, b, a_ns, b_ns));
+    let (relay, ns) = relay.into_parts();
+    relay.shutdown().await;
+    drop(ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observed_address_forged_from_one_network_is_not_announced() {
+    let Some(lab) = Lab::new(2) else { return };
+    // No --external-address: the relay may adopt an observed one.
+    let relay = lab.relay(false, |_| {}).await;
+    let port = relay.quic_addrs()[0].port();
+    let decoy = Multiaddr::empty()
+        .with(Protocol::Ip4(DECOY_IP))
+        .with(Protocol::Udp(port))
+        .with(Protocol::QuicV1);
+    // Five keys in home 1 reach the relay through the decoy address, so each reports
+    // the relay "at" DECOY_IP.
+    let mut forgers = Vec::new();
+    for _ in 0..5 {
+        let mut d = lab.device(1).await;
+        d.connect(decoy.clone().with(Protocol::P2p(relay.peer_id())))
+            .await;
+        forgers.push(d);
+    }
+    wait_relay_metric(&relay, "relay_connections", |v| v == 5.0).await;
+    // A device in home 2 learns what the relay announces.
+    let mut b = lab.device(2).await;
+    let info = b.connect(public_addr(&relay)).await;
+    let decoy_s = DECOY_IP.to_string();
+    assert!(
+        !info
+            .listen_addrs
+            .iter()
+            .any(|a| a.to_string().contains(&decoy_s)),
+        "identify announces the forged address: {:?}",
+        info.listen_addrs
+    );
+    assert!(
+        !relay
+            .addresses()
+            .iter()
+            .any(|a| a.to_string().contains(&decoy_s)),
+        "the identity API lists the forged address: {:?}",
+        relay.addresses()
+    );
+    drop((forgers, b));
+    let (relay, ns) = relay.into_parts();
+    relay.shutdown().await;
+    drop(ns);
+}
