@@ -23,7 +23,9 @@ free ports on 127.0.0.1, and checks:
     who flashed an SD card sees on another computer).
 Environment: DIST (default dist), VERSION (default Cargo.toml's), RELAY_BIN (the
 host's privstack-relay for probe; default: from DIST's x86_64 archive),
-BOOT_TIMEOUT (seconds per boot, default 300), LOGS (serial console logs, default
+BOOT_TIMEOUT (seconds per boot, default 900: a deadline that catches a hung boot, not a
+speed target; the raspi3b boot takes ~110 s on an idle machine under TCG and well over
+300 s on a busy one; the time each boot took is printed), LOGS (serial console logs, default
 target/image-test).
 """
 import json
@@ -44,7 +46,7 @@ SRC = Path(__file__).resolve().parent.parent
 DIST = Path(os.environ.get("DIST", SRC / "dist")).resolve()
 VERSION = os.environ.get("VERSION") or re.search(
     r'^version = "(.*)"$', (SRC / "Cargo.toml").read_text(), re.M).group(1)
-BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "300"))
+BOOT_TIMEOUT = float(os.environ.get("BOOT_TIMEOUT", "900"))
 LOGS = Path(os.environ.get("LOGS", SRC / "target" / "image-test")).resolve()
 GROW = 1 << 30
 CLOSED_PORT = 8080  # a port the firewall does not open
@@ -271,7 +273,7 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         if spec.get("board"):
             # No RTC on the board and no NTP server reachable from here: set the clock
             # as timesyncd would (reservations carry absolute expiry times).
-            m.wait_ssh(time.monotonic() + 120)
+            m.wait_ssh(time.monotonic() + 300)
             m.ssh(f"date -u -s @{int(time.time())} >/dev/null")
         target = f"/ip4/127.0.0.1/udp/{m.quic}/quic-v1/p2p/{peer}"
         probe = run([str(relay), "probe", "--timeout", "30", target], timeout=90, check=False)
@@ -279,9 +281,9 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
               f"probe over the forwarded QUIC port reached peer {peer} and reserved a slot"
               + ("" if probe.returncode == 0 else f"\n{probe.stdout}{probe.stderr}"))
 
-        m.wait_ssh(time.monotonic() + 120)
+        m.wait_ssh(time.monotonic() + 300)
         log("  ok: SSH with the key from the boot partition")
-        state = m.ssh("systemctl is-system-running --wait", timeout=180, check=False)
+        state = m.ssh("systemctl is-system-running --wait", timeout=600, check=False)
         failed = m.ssh("systemctl --failed --plain --no-legend")
         check(failed == "" and state == "running", f"no failed units (system {state!r}; failed: {failed!r})")
         key = m.ssh("stat -c '%a %U' /var/lib/privstack/relay-identity.key")

@@ -723,3 +723,207 @@ async fn an_observed_address_forged_from_one_network_is_not_announced() {
     relay.shutdown().await;
     drop(ns);
 }
+
+/// A relay binary running in the lab's relay namespace (`ip netns exec`); killed on
+/// drop.
+struct RelayProcess {
+    child: std::process::Child,
+    addr: Multiaddr,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl RelayProcess {
+    async fn start(lab: &Lab, bin: &str) -> RelayProcess {
+        use std::io::{BufRead, BufReader};
+        // A free UDP port in the relay's namespace, found from inside it.
+        let port = InNs::start(&lab.ns("relay"), async {
+            std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+                .and_then(|s| s.local_addr())
+                .unwrap()
+                .port()
+        })
+        .await;
+        let port = *port;
+        let dir = TempDir(std::env::temp_dir().join(format!("{}relay", lab.prefix)));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("relay"), bin])
+            .args(["--port", &port.to_string(), "--http-port", "0"])
+            .args([
+                "--external-address",
+                &format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1"),
+            ])
+            .arg("--identity")
+            .arg(dir.0.join("key"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay binary starts");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let peer: PeerId = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("  PeerId: ").map(|s| s.parse().unwrap()))
+            .expect("relay prints its peer ID");
+        let addr = Multiaddr::empty()
+            .with(Protocol::Ip4(RELAY_IP))
+            .with(Protocol::Udp(port))
+            .with(Protocol::QuicV1)
+            .with(Protocol::P2p(peer));
+        RelayProcess {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Put/get latency of PrivStack-style devices behind the lab's two NATs while devices
+/// come and go (not a pass/fail test):
+///
+/// PRIVSTACK_RELAY_BIN=target/x86_64-unknown-linux-musl/release/privstack-relay \
+///   cargo test --test nat_lab fleet -- --ignored --nocapture
+///
+/// PRIVSTACK_LAB_DEVICES (default 50) devices per home; device i of home 1 and device i
+/// of home 2 share a sync group. Each of PRIVSTACK_LAB_ROUNDS (default 6) rounds, after
+/// a pause of PRIVSTACK_LAB_PAUSE_SECS (default 15), first replaces a fifth of each
+/// home's devices (the old ones leave, new ones join and bootstrap), then every device puts its group's record and gets it back (its
+/// partner's or its own, whichever was written last), all at once. Prints p50/p99 of
+/// put and get and the failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; needs PRIVSTACK_RELAY_BIN"]
+async fn fleet_put_get_latency_behind_nats() {
+    let bin = std::env::var("PRIVSTACK_RELAY_BIN").expect("PRIVSTACK_RELAY_BIN");
+    let per_home = env_or("PRIVSTACK_LAB_DEVICES", 50);
+    let rounds = env_or("PRIVSTACK_LAB_ROUNDS", 6);
+    let pause = env_or("PRIVSTACK_LAB_PAUSE_SECS", 15);
+    let lab = Lab::new(2).expect("the NAT lab needs root, ip and nft");
+    let relay = RelayProcess::start(&lab, &bin).await;
+    // A device joins as PrivStack's do: dial the relay, start one Kademlia bootstrap
+    // and go on without waiting for it.
+    let join = |h: usize| {
+        let lab = &lab;
+        let addr = relay.addr.clone();
+        async move {
+            let mut d = lab.device(h).await;
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                unreachable!()
+            };
+            let mut plain = addr.clone();
+            plain.pop();
+            d.with(move |s| {
+                s.behaviour_mut().kad.add_address(&peer, plain);
+            })
+            .await;
+            d.connect(addr).await;
+            d.with(|s| s.behaviour_mut().kad.bootstrap().map(|_| ()))
+                .await
+                .expect("the relay is known");
+            d
+        }
+    };
+    // Kademlia's query timeout (60 s) decides; this only keeps a wedged device from
+    // stalling the run.
+    let limit = Duration::from_secs(90);
+    // (home, pair, device)
+    let mut fleet = Vec::new();
+    for i in 0..per_home {
+        for h in 1..=2 {
+            fleet.push((h, i, join(h).await));
+        }
+    }
+    let (mut puts, mut gets) = (Vec::new(), Vec::new());
+    let (mut put_failures, mut get_misses) = (0, 0);
+    let started = std::time::Instant::now();
+    for round in 0..rounds {
+        if round > 0 {
+            // Devices re-publish every 30 s; the pause also lets the relay notice the
+            // departures (QUIC idle timeout) before the next round queries.
+            tokio::time::sleep(Duration::from_secs(pause as u64)).await;
+            // A fifth of each home leaves; as many join.
+            let leaving = per_home / 5;
+            for k in 0..leaving {
+                let i = (round * leaving + k) % per_home;
+                for slot in fleet.iter_mut().filter(|(_, pair, _)| *pair == i) {
+                    let h = slot.0;
+                    slot.2 = join(h).await;
+                }
+            }
+        }
+        let ops = fleet.iter_mut().map(|(h, pair, d)| {
+            let key = syncgroup_key(&format!("fleet-{pair}"));
+            let lan = Ipv4Addr::new(192, 168, *h as u8, 2);
+            async move {
+                let rec = record(key.clone(), d.peer_id, lan);
+                let t = std::time::Instant::now();
+                let put = d.put_record_within(rec, limit).await;
+                let put_t = t.elapsed();
+                let t = std::time::Instant::now();
+                let found = d
+                    .get_record_within(key, limit)
+                    .await
+                    .is_some_and(|f| !f.is_empty());
+                (matches!(put, Some(Ok(()))), put_t, found, t.elapsed())
+            }
+        });
+        for (ok, put_t, found, get_t) in futures::future::join_all(ops).await {
+            if ok {
+                puts.push(put_t);
+            } else {
+                put_failures += 1;
+            }
+            if found {
+                gets.push(get_t);
+            } else {
+                get_misses += 1;
+            }
+        }
+    }
+    puts.sort();
+    gets.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "fleet: {} devices per home, {rounds} rounds in {:.0} s; put p50 {:.0} ms p99 {:.0} ms \
+         ({} ok, {put_failures} failed); get p50 {:.0} ms p99 {:.0} ms ({} found, {get_misses} not)",
+        per_home,
+        started.elapsed().as_secs_f64(),
+        ms(percentile(&puts, 0.5)),
+        ms(percentile(&puts, 0.99)),
+        puts.len(),
+        ms(percentile(&gets, 0.5)),
+        ms(percentile(&gets, 0.99)),
+        gets.len(),
+    );
+    drop(fleet);
+    drop(relay);
+}

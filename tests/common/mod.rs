@@ -140,7 +140,18 @@ impl TestClient {
     }
 
     /// Consume events until `f` returns `Some`, failing the test after [`WAIT`].
-    pub async fn wait<T>(&mut self, what: &str, mut f: impl FnMut(ClientEvent) -> Option<T>) -> T {
+    pub async fn wait<T>(&mut self, what: &str, f: impl FnMut(ClientEvent) -> Option<T>) -> T {
+        self.wait_within(WAIT, f)
+            .await
+            .unwrap_or_else(|| panic!("timed out waiting for {what}"))
+    }
+
+    /// Consume events until `f` returns `Some`, or `None` after `limit`.
+    pub async fn wait_within<T>(
+        &mut self,
+        limit: Duration,
+        mut f: impl FnMut(ClientEvent) -> Option<T>,
+    ) -> Option<T> {
         let fut = async {
             loop {
                 let ev = self.events.recv().await.expect("client task alive");
@@ -149,9 +160,7 @@ impl TestClient {
                 }
             }
         };
-        tokio::time::timeout(WAIT, fut)
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        tokio::time::timeout(limit, fut).await.ok()
     }
 
     /// Dial `addr` (ending in /p2p/<peer>) and wait until connected and identified.
@@ -206,6 +215,17 @@ impl TestClient {
     }
 
     pub async fn put_record(&mut self, record: kad::Record) -> Result<(), kad::PutRecordError> {
+        self.put_record_within(record, WAIT)
+            .await
+            .expect("timed out waiting for the put_record result")
+    }
+
+    /// `put_record` (`Quorum::One`), or `None` if it has no result within `limit`.
+    pub async fn put_record_within(
+        &mut self,
+        record: kad::Record,
+        limit: Duration,
+    ) -> Option<Result<(), kad::PutRecordError>> {
         let id = self
             .with(move |s| {
                 s.behaviour_mut()
@@ -214,7 +234,7 @@ impl TestClient {
                     .expect("record stored locally")
             })
             .await;
-        self.wait("put_record result", |ev| match ev {
+        self.wait_within(limit, |ev| match ev {
             SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
                 kad::Event::OutboundQueryProgressed {
                     id: qid,
@@ -229,13 +249,24 @@ impl TestClient {
 
     /// All records found for `key` (empty if none).
     pub async fn get_record(&mut self, key: kad::RecordKey) -> Vec<kad::PeerRecord> {
+        self.get_record_within(key, WAIT)
+            .await
+            .expect("timed out waiting for get_record progress")
+    }
+
+    /// `get_record`, or `None` if the query makes no progress within `limit`.
+    pub async fn get_record_within(
+        &mut self,
+        key: kad::RecordKey,
+        limit: Duration,
+    ) -> Option<Vec<kad::PeerRecord>> {
         let id = self
             .with(move |s| s.behaviour_mut().kad.get_record(key))
             .await;
         let mut found = Vec::new();
         loop {
             let (res, last) = self
-                .wait("get_record progress", |ev| match ev {
+                .wait_within(limit, |ev| match ev {
                     SwarmEvent::Behaviour(ClientBehaviourEvent::Kad(
                         kad::Event::OutboundQueryProgressed {
                             id: qid,
@@ -246,7 +277,7 @@ impl TestClient {
                     )) if qid == id => Some((r, step.last)),
                     _ => None,
                 })
-                .await;
+                .await?;
             if let Ok(kad::GetRecordOk::FoundRecord(r)) = res {
                 found.push(r);
                 // One is enough; stop the query rather than wait out its timeout.
@@ -256,10 +287,10 @@ impl TestClient {
                     }
                 })
                 .await;
-                return found;
+                return Some(found);
             }
             if last {
-                return found;
+                return Some(found);
             }
         }
     }
