@@ -21,7 +21,8 @@
 #   SUITE     Debian release (default: trixie)
 #   WORKDIR   scratch space, several GiB (default: a new directory under /var/tmp)
 #   KEEP=1    keep the uncompressed .img in DIST (the boot tests use it)
-#   JOBS      variants built at once (default: the number of CPUs)
+#   JOBS      variants built at once (default 1; more only helps with more than two
+#             CPUs: on two, three side by side took as long as one after another)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=${SUITE:-trixie}
 KEEP=${KEEP:-0}
-JOBS=${JOBS:-$(nproc)}
+JOBS=${JOBS:-1}
 case "$JOBS" in ''|*[!0-9]*) echo "image/build.sh: JOBS=$JOBS is not a number" >&2; exit 1 ;; esac
 
 die() { echo "image/build.sh: $*" >&2; exit 1; }
@@ -136,9 +137,9 @@ build_variant() (
     ls -l "$DIST/$name".*
 )
 
-# Variants build side by side: an arm64 root file system is mostly one dpkg at a time
-# under qemu-user, so one build leaves the other cores idle. Each job logs to its own
-# file, shown when it ends.
+# With JOBS > 1, variants build side by side, each logging to its own file, shown when
+# it ends. (Measured on two CPUs, BENCHMARKS.md: no faster than one after another, as
+# qemu-user, the initramfs and xz keep both busy.)
 if [ "$JOBS" -le 1 ] || [ $# -le 1 ]; then
     for variant in "$@"; do
         build_variant "$variant"

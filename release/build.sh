@@ -51,26 +51,40 @@ REMAP="--remap-path-prefix=$SRC=/build/privstack-relay --remap-path-prefix=$CARG
 export RUSTFLAGS="${RUSTFLAGS:-} $REMAP"
 CREMAP="-ffile-prefix-map=$SRC=/build/privstack-relay -ffile-prefix-map=$CARGO_HOME=/cargo"
 
-build() {
-    local target=$1
+# One cargo invocation for every native target: each release build ends in a fat-LTO
+# link on one codegen unit, which is single-threaded, so building the targets together
+# lets one's link run beside the other's compilation instead of after it.
+native_env() {
+    local target=$1 tvar=${1//-/_}
+    case "$target" in
+        x86_64-unknown-linux-musl)
+            export "CC_$tvar=musl-gcc" "AR_$tvar=ar"
+            ;;
+        aarch64-unknown-linux-musl)
+            export "CC_$tvar=aarch64-linux-gnu-gcc" "AR_$tvar=aarch64-linux-gnu-ar"
+            export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
+            ;;
+        *) echo "build.sh: no native recipe for $target" >&2; exit 1 ;;
+    esac
+    export "CFLAGS_$tvar=$CREMAP"
+}
+
+build_all() {
     case "$BUILDER" in
         cross)
-            cross build --release --locked --target "$target"
+            for target in $TARGETS; do
+                echo "== $target (cross)"
+                cross build --release --locked --target "$target"
+            done
             ;;
         native)
-            local tvar=${target//-/_}
-            case "$target" in
-                x86_64-unknown-linux-musl)
-                    export "CC_$tvar=musl-gcc" "AR_$tvar=ar"
-                    ;;
-                aarch64-unknown-linux-musl)
-                    export "CC_$tvar=aarch64-linux-gnu-gcc" "AR_$tvar=aarch64-linux-gnu-ar"
-                    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
-                    ;;
-                *) echo "build.sh: no native recipe for $target" >&2; exit 1 ;;
-            esac
-            export "CFLAGS_$tvar=$CREMAP"
-            cargo build --release --locked --target "$target"
+            local args=()
+            for target in $TARGETS; do
+                native_env "$target"
+                args+=(--target "$target")
+            done
+            echo "== $TARGETS (native)"
+            cargo build --release --locked "${args[@]}"
             ;;
         prebuilt) ;;
         *) echo "build.sh: unknown BUILDER=$BUILDER" >&2; exit 1 ;;
@@ -118,9 +132,8 @@ package() {
 
 mkdir -p "$DIST"
 DIST=$(cd "$DIST" && pwd)
+build_all
 for target in $TARGETS; do
-    echo "== $target ($BUILDER)"
-    build "$target"
     check_binary "$TARGET_DIR/$target/release/privstack-relay" "$target"
     package "$target"
 done

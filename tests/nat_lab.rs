@@ -389,6 +389,26 @@ impl<T> Drop for InNs<T> {
     }
 }
 
+/// Shut the in-process relay down, then end its namespace thread.
+async fn stop(relay: InNs<Server>) {
+    let (relay, ns) = relay.into_parts();
+    relay.shutdown().await;
+    drop(ns);
+}
+
+/// `d` puts its record for the sync group `code`.
+async fn put_own(d: &mut TestClient, code: &str, lan: Ipv4Addr) -> Result<(), kad::PutRecordError> {
+    let r = record(syncgroup_key(code), d.peer_id, lan);
+    d.put_record(r).await
+}
+
+/// `reader` finds the record of `code`, published by `writer`.
+async fn find_published_by(reader: &mut TestClient, code: &str, writer: PeerId) {
+    let found = reader.get_record(syncgroup_key(code)).await;
+    let rec = &found.first().expect("the record is found").record;
+    assert_eq!(rec.publisher, Some(writer), "publisher survives the relay");
+}
+
 /// The relay's address as devices dial it.
 fn public_addr(relay: &Server) -> Multiaddr {
     Multiaddr::empty()
@@ -503,16 +523,10 @@ async fn devices_behind_two_nats_find_each_other_and_nothing_undialable_is_hande
     wait_relay_metric(&relay, "relay_connections", |v| v == 2.0).await;
 
     // Discovery through the sync group's record, across both NATs.
-    let key = syncgroup_key("lab-group");
-    let rec = record(key.clone(), a.peer_id, Ipv4Addr::new(192, 168, 1, 2));
-    a.put_record(rec)
+    put_own(&mut a, "lab-group", Ipv4Addr::new(192, 168, 1, 2))
         .await
         .expect("A's put succeeds through its NAT");
-    let found = b.get_record(key).await;
-    assert_eq!(
-        found.first().expect("B finds A's record").record.publisher,
-        Some(a.peer_id)
-    );
+    find_published_by(&mut b, "lab-group", a.peer_id).await;
 
     // While both are connected: the relay tells neither device anything about the
     // other, whose addresses (LAN, loopback, its router's mapping) are all undialable
@@ -545,9 +559,7 @@ async fn devices_behind_two_nats_find_each_other_and_nothing_undialable_is_hande
     assert!(closest.contains(&relay_id));
     assert_eq!(stats.num_failures(), 0, "{stats:?}");
     drop(b);
-    let (relay, ns) = relay.into_parts();
-    relay.shutdown().await;
-    drop(ns);
+    stop(relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,16 +604,11 @@ async fn refused_puts_fail_at_the_device_and_one_home_cannot_fill_the_store() {
     // Home 2 still stores and reads its sync group.
     let mut b = lab.device(2).await;
     b.bootstrap_via(relay_addr.clone()).await;
-    let key = syncgroup_key("home-2-group");
-    let rec = record(key.clone(), b.peer_id, Ipv4Addr::new(192, 168, 2, 2));
-    b.put_record(rec)
+    put_own(&mut b, "home-2-group", Ipv4Addr::new(192, 168, 2, 2))
         .await
         .expect("home 2's put succeeds while home 1 is at its quota");
-    let found = b.get_record(key).await;
-    assert_eq!(
-        found.first().expect("found").record.publisher,
-        Some(b.peer_id)
-    );
+    let b_id = b.peer_id;
+    find_published_by(&mut b, "home-2-group", b_id).await;
 
     // Too large: fails at the device.
     let mut big = kad::Record::new(syncgroup_key("big"), vec![b'x'; 601]);
@@ -646,9 +653,7 @@ async fn refused_puts_fail_at_the_device_and_one_home_cannot_fill_the_store() {
     )
     .await;
     drop((flooders, b, c));
-    let (relay, ns) = relay.into_parts();
-    relay.shutdown().await;
-    drop(ns);
+    stop(relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,9 +678,7 @@ async fn reservations_behind_nats_carry_the_public_address_and_circuits_cross() 
     assert!(endpoint.is_relayed());
     exchange_through_circuit(&mut a, &mut b, 64 * 1024 * 1024).await;
     drop((a, b, a_ns, b_ns));
-    let (relay, ns) = relay.into_parts();
-    relay.shutdown().await;
-    drop(ns);
+    stop(relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,78 +722,36 @@ async fn an_observed_address_forged_from_one_network_is_not_announced() {
         relay.addresses()
     );
     drop((forgers, b));
-    let (relay, ns) = relay.into_parts();
-    relay.shutdown().await;
-    drop(ns);
+    stop(relay).await;
 }
 
-/// A relay binary running in the lab's relay namespace (`ip netns exec`); killed on
-/// drop.
-struct RelayProcess {
-    child: std::process::Child,
-    addr: Multiaddr,
-    _dir: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl RelayProcess {
-    async fn start(lab: &Lab, bin: &str) -> RelayProcess {
-        use std::io::{BufRead, BufReader};
-        // A free UDP port in the relay's namespace, found from inside it.
-        let port = InNs::start(&lab.ns("relay"), async {
-            std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-                .and_then(|s| s.local_addr())
-                .unwrap()
-                .port()
-        })
-        .await;
-        let port = *port;
-        let dir = TempDir(std::env::temp_dir().join(format!("{}relay", lab.prefix)));
-        std::fs::create_dir_all(&dir.0).unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns("relay"), bin])
-            .args(["--port", &port.to_string(), "--http-port", "0"])
-            .args([
-                "--external-address",
-                &format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1"),
-            ])
-            .arg("--identity")
-            .arg(dir.0.join("key"))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("relay binary starts");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let peer: PeerId = stdout
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("  PeerId: ").map(|s| s.parse().unwrap()))
-            .expect("relay prints its peer ID");
-        let addr = Multiaddr::empty()
-            .with(Protocol::Ip4(RELAY_IP))
-            .with(Protocol::Udp(port))
-            .with(Protocol::QuicV1)
-            .with(Protocol::P2p(peer));
-        RelayProcess {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A relay binary running in the lab's relay namespace (`ip netns exec`), with
+/// `--external-address` at its public address; returns it with its public multiaddr.
+async fn relay_binary(lab: &Lab, bin: &str) -> (RelayBinary, Multiaddr) {
+    // A free UDP port in the relay's namespace, found from inside it.
+    let port = *InNs::start(&lab.ns("relay"), async {
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port()
+    })
+    .await;
+    let ns = lab.ns("relay");
+    let relay = RelayBinary::start(
+        &["ip", "netns", "exec", &ns],
+        bin,
+        port,
+        &[
+            "--external-address".into(),
+            format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1"),
+        ],
+    );
+    let addr = Multiaddr::empty()
+        .with(Protocol::Ip4(RELAY_IP))
+        .with(Protocol::Udp(port))
+        .with(Protocol::QuicV1)
+        .with(Protocol::P2p(relay.peer_id));
+    (relay, addr)
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -828,12 +789,12 @@ async fn fleet_put_get_latency_behind_nats() {
     let rounds = env_or("PRIVSTACK_LAB_ROUNDS", 6);
     let pause = env_or("PRIVSTACK_LAB_PAUSE_SECS", 15);
     let lab = Lab::new(2).expect("the NAT lab needs root, ip and nft");
-    let relay = RelayProcess::start(&lab, &bin).await;
+    let (relay, relay_addr) = relay_binary(&lab, &bin).await;
     // A device joins as PrivStack's do: dial the relay, start one Kademlia bootstrap
     // and go on without waiting for it.
     let join = |h: usize| {
         let lab = &lab;
-        let addr = relay.addr.clone();
+        let addr = relay_addr.clone();
         async move {
             let mut d = lab.device(h).await;
             let Some(Protocol::P2p(peer)) = addr.iter().last() else {

@@ -10,13 +10,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -38,27 +36,9 @@ async fn relay_cpu_per_gib() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let dir = std::env::temp_dir().join(format!("privstack-cpu-{}", std::process::id()));
-    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(&bin)
-        .args(["--port", &quic.to_string(), "--http-port", "0"])
-        .args(["--max-circuit-bytes", "0"])
-        .arg("--identity")
-        .arg(dir.join("key"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let peer: PeerId = stdout
-        .lines()
-        .map(|l| l.unwrap())
-        .find_map(|l| l.strip_prefix("  PeerId: ").map(|s| s.parse().unwrap()))
-        .unwrap();
+    let quic = free_udp_port();
+    let relay = RelayBinary::start(&[], &bin, quic, &["--max-circuit-bytes".into(), "0".into()]);
+    let peer = relay.peer_id;
     let relay_addr: Multiaddr = format!("/ip4/127.0.0.1/udp/{quic}/quic-v1/p2p/{peer}")
         .parse()
         .unwrap();
@@ -88,7 +68,7 @@ async fn relay_cpu_per_gib() {
         .await
         .unwrap();
     let chunk = vec![0x5au8; 1 << 20];
-    let cpu0 = cpu_seconds(child.id());
+    let cpu0 = cpu_seconds(relay.pid());
     let t0 = Instant::now();
     for _ in 0..mib {
         stream.write_all(&chunk).await.unwrap();
@@ -99,14 +79,11 @@ async fn relay_cpu_per_gib() {
         .unwrap()
         .unwrap();
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(child.id()) - cpu0;
+    let cpu = cpu_seconds(relay.pid()) - cpu0;
     assert_eq!(got, mib << 20);
     println!(
         "{bin}: {mib} MiB in {secs:.2} s ({:.1} MiB/s, client-bound); relay CPU {cpu:.2} s = {:.2} s/GiB",
         mib as f64 / secs,
         cpu * 1024.0 / mib as f64
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(dir);
 }

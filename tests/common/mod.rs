@@ -432,6 +432,75 @@ pub async fn exchange_through_circuit(a: &mut TestClient, b: &mut TestClient, si
     assert_eq!(b_got, to_b_hash, "A→B payload intact");
 }
 
+/// The relay binary, started as an operator would, after `prefix` (e.g. `ip netns exec
+/// NS`, or nothing), on UDP port `port` with its key in a new temporary directory and
+/// `args` added; killed and cleaned up on drop.
+pub struct RelayBinary {
+    pub child: std::process::Child,
+    pub peer_id: PeerId,
+    dir: std::path::PathBuf,
+}
+
+impl RelayBinary {
+    pub fn start(prefix: &[&str], bin: &str, port: u16, args: &[String]) -> RelayBinary {
+        use std::io::{BufRead, BufReader};
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("privstack-bin-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cmd, pre) = match prefix.split_first() {
+            Some((cmd, rest)) => (*cmd, rest.iter().map(|s| s.to_string()).collect()),
+            None => (bin, Vec::new()),
+        };
+        let mut command = std::process::Command::new(cmd);
+        command.args(pre);
+        if !prefix.is_empty() {
+            command.arg(bin);
+        }
+        let mut child = command
+            .args(["--port", &port.to_string(), "--http-port", "0"])
+            .arg("--identity")
+            .arg(dir.join("key"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay binary starts");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let peer_id = stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("  PeerId: ").map(|s| s.parse().unwrap()))
+            .expect("relay prints its peer ID");
+        RelayBinary {
+            child,
+            peer_id,
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for RelayBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// PrivStack's record key: `/privstack/syncgroup/` + SHA-256(normalised sync code).
 pub fn syncgroup_key(code: &str) -> kad::RecordKey {
     use sha2::Digest;
