@@ -34,7 +34,8 @@ pub fn is_public(addr: &Multiaddr) -> bool {
     reach(addr) == Reach::Public
 }
 
-fn ip_reach(ip: IpAddr) -> Reach {
+/// How far an IP reaches (as [`reach`] for an address starting with it).
+pub fn ip_reach(ip: IpAddr) -> Reach {
     match ip {
         IpAddr::V4(ip) => v4_reach(ip),
         IpAddr::V6(ip) => {
@@ -110,6 +111,30 @@ pub fn ip(addr: &Multiaddr) -> Option<IpAddr> {
         Protocol::Ip4(ip) => Some(ip.into()),
         Protocol::Ip6(ip) => Some(ip.into()),
         _ => None,
+    }
+}
+
+/// The host an IP belongs to, as a prefix: IPv4 /32, IPv6 /64 (IPv4-mapped IPv6 as
+/// IPv4). IPv6 prefixes have their lowest bit set, which no /64 or /48 has, so they
+/// never equal an IPv4 one.
+pub fn host_prefix(ip: IpAddr) -> u128 {
+    prefix(ip, 32, 64)
+}
+
+/// The network an IP belongs to, as a prefix: IPv4 /24, IPv6 /48 (tagged as in
+/// [`host_prefix`]).
+pub fn network_prefix(ip: IpAddr) -> u128 {
+    prefix(ip, 24, 48)
+}
+
+fn prefix(ip: IpAddr, v4_bits: u32, v6_bits: u32) -> u128 {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4) & (u32::MAX << (32 - v4_bits))),
+        IpAddr::V6(v6) => (u128::from(v6) & (u128::MAX << (128 - v6_bits))) | 1,
     }
 }
 

@@ -23,13 +23,7 @@ pub struct Network(u128);
 
 impl Network {
     pub fn of(ip: IpAddr) -> Network {
-        match ip {
-            IpAddr::V4(v4) => Network(u128::from(u32::from(v4) & 0xffff_ff00)),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Network::of(IpAddr::V4(v4)),
-                None => Network((u128::from(v6) & !((1u128 << 80) - 1)) | 1),
-            },
-        }
+        Network(addrs::network_prefix(ip))
     }
 }
 
@@ -57,7 +51,7 @@ impl ObservedAddrs {
             return None;
         }
         // A reporter on a private network or this host says nothing about the internet.
-        if addrs::reach(&Multiaddr::empty().with(reporter.into())) != Reach::Public {
+        if addrs::ip_reach(reporter) != Reach::Public {
             return None;
         }
         let addr = addrs::without_p2p(addr);

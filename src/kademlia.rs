@@ -20,6 +20,7 @@ use libp2p::swarm::{
 };
 use libp2p::{PeerId, kad};
 
+use crate::addrs;
 use crate::record_store::{RelayStore, Source};
 
 type Inner = kad::Behaviour<RelayStore>;
@@ -49,11 +50,7 @@ fn first_ip(addr: &Multiaddr) -> Option<IpAddr> {
     if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
         return None;
     }
-    match addr.iter().next()? {
-        Protocol::Ip4(ip) => Some(ip.into()),
-        Protocol::Ip6(ip) => Some(ip.into()),
-        _ => None,
-    }
+    addrs::ip(addr)
 }
 
 impl Deref for Kademlia {

@@ -27,6 +27,7 @@ use libp2p::PeerId;
 use libp2p::kad::store::{Error, RecordStore, Result};
 use libp2p::kad::{ProviderRecord, Record, RecordKey};
 
+use crate::addrs;
 use crate::metrics::StoreMetrics;
 use crate::routing::{self, Origin};
 
@@ -66,13 +67,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] = [
-        Refusal::Full,
-        Refusal::Quota,
-        Refusal::TooLarge,
-        Refusal::BadKey,
-    ];
-
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Full => "full",
@@ -104,38 +98,14 @@ fn accounts(source: &Source) -> Vec<Account> {
     if let Some(ip) = source.ip
         && Origin::of_ip(ip) != Origin::Loopback
     {
-        let (host, network) = prefixes(ip);
-        out.push(Account::Host(host));
-        out.push(Account::Network(network));
+        out.push(Account::Host(addrs::host_prefix(ip)));
+        out.push(Account::Network(addrs::network_prefix(ip)));
     }
     out
 }
 
-/// (host, network) prefixes: IPv4 /32 and /24, IPv6 /64 and /48 (tagged apart).
-fn prefixes(ip: IpAddr) -> (u128, u128) {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u128::from(u32::from(v4));
-            (bits, bits & !0xff)
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            // The low bit is always 0 in a /64 or /48 prefix: use it to tell IPv6
-            // accounts from IPv4 ones.
-            (
-                (bits & !((1u128 << 64) - 1)) | 1,
-                (bits & !((1u128 << 80) - 1)) | 1,
-            )
-        }
-    }
-}
-
-#[derive(Debug)]
 /// A stored entry and the accounts it is charged to.
+#[derive(Debug)]
 pub struct Stored<T> {
     entry: T,
     charged: Vec<Account>,
@@ -173,10 +143,6 @@ impl RelayStore {
     /// Who the next puts come from (`None`: the relay itself, no quota).
     pub fn set_source(&mut self, source: Option<Source>) {
         self.source = source;
-    }
-
-    pub fn limits(&self) -> &StoreLimits {
-        &self.limits
     }
 
     pub fn record_count(&self) -> usize {

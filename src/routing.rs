@@ -57,15 +57,19 @@ pub enum Origin {
 impl Origin {
     /// The origin of a connection with this remote address.
     pub fn of(remote: &Multiaddr) -> Origin {
-        match addrs::reach(remote) {
+        Origin::from_reach(addrs::reach(remote))
+    }
+
+    pub fn of_ip(ip: IpAddr) -> Origin {
+        Origin::from_reach(addrs::ip_reach(ip))
+    }
+
+    fn from_reach(reach: Reach) -> Origin {
+        match reach {
             Reach::Loopback => Origin::Loopback,
             Reach::Private => Origin::Private,
             Reach::Public | Reach::Other => Origin::Public,
         }
-    }
-
-    pub fn of_ip(ip: IpAddr) -> Origin {
-        Origin::of(&Multiaddr::empty().with(ip.into()))
     }
 }
 
@@ -164,6 +168,23 @@ struct Peer {
 }
 
 impl Peer {
+    /// Whether the identify rate limit lets an update through at `now`; if so, it is
+    /// counted.
+    fn may_update(&mut self, now: Instant) -> bool {
+        while self
+            .updates
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= IDENTIFY_WINDOW)
+        {
+            self.updates.pop_front();
+        }
+        if self.updates.len() >= defaults::ROUTING_MAX_IDENTIFY_PER_MINUTE {
+            return false;
+        }
+        self.updates.push_back(now);
+        true
+    }
+
     /// The most local origin among its connections (it may vouch for what that reaches).
     fn origin(&self) -> Origin {
         self.conns
@@ -229,18 +250,10 @@ impl RoutingPolicy {
         let Some(p) = self.peers.get_mut(&peer) else {
             return Vec::new(); // already gone
         };
-        while p
-            .updates
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= IDENTIFY_WINDOW)
-        {
-            p.updates.pop_front();
-        }
-        if p.updates.len() >= defaults::ROUTING_MAX_IDENTIFY_PER_MINUTE {
+        if !p.may_update(now) {
             p.pending = Some((listen, speaks_kad));
             return Vec::new();
         }
-        p.updates.push_back(now);
         p.pending = None;
         let bootstrap = self.bootstrap.contains(&peer);
         apply(peer, p, listen, speaks_kad, bootstrap)
@@ -250,19 +263,8 @@ impl RoutingPolicy {
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         for (peer, p) in self.peers.iter_mut() {
-            if p.pending.is_none() {
-                continue;
-            }
-            while p
-                .updates
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= IDENTIFY_WINDOW)
-            {
-                p.updates.pop_front();
-            }
-            if p.updates.len() < defaults::ROUTING_MAX_IDENTIFY_PER_MINUTE {
+            if p.pending.is_some() && p.may_update(now) {
                 let (listen, kad) = p.pending.take().expect("checked");
-                p.updates.push_back(now);
                 let bootstrap = self.bootstrap.contains(peer);
                 actions.extend(apply(*peer, p, listen, kad, bootstrap));
             }

@@ -72,6 +72,12 @@ fn sh(cmd: &str, args: &[&str]) {
     run(cmd, args).unwrap_or_else(|e| panic!("lab setup: {e}"));
 }
 
+/// Give interface `dev` in namespace `ns` the address `cidr` and bring it up.
+fn addr_up(ns: &str, dev: &str, cidr: &str) {
+    sh("ip", &["-n", ns, "addr", "add", cidr, "dev", dev]);
+    sh("ip", &["-n", ns, "link", "set", dev, "up"]);
+}
+
 /// Delete namespaces of earlier runs whose process is gone.
 fn remove_stale() {
     let Ok(list) = run("ip", &["netns", "list"]) else {
@@ -149,11 +155,7 @@ impl Lab {
             "ip",
             &["-n", &inet, "link", "set", "p-relay", "master", "br0", "up"],
         );
-        sh(
-            "ip",
-            &["-n", &relay, "addr", "add", "11.0.0.10/16", "dev", "eth0"],
-        );
-        sh("ip", &["-n", &relay, "link", "set", "eth0", "up"]);
+        addr_up(&relay, "eth0", "11.0.0.10/16");
         for h in 1..=self.homes {
             let router = self.ns(&format!("r{h}"));
             let home = self.ns(&format!("h{h}"));
@@ -163,46 +165,10 @@ impl Lab {
                 "ip",
                 &["-n", &inet, "link", "set", &port, "master", "br0", "up"],
             );
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &router,
-                    "addr",
-                    "add",
-                    &format!("11.0.{h}.1/16"),
-                    "dev",
-                    "wan",
-                ],
-            );
-            sh("ip", &["-n", &router, "link", "set", "wan", "up"]);
+            addr_up(&router, "wan", &format!("11.0.{h}.1/16"));
             self.wire(&router, "lan", &home, "eth0");
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &router,
-                    "addr",
-                    "add",
-                    &format!("192.168.{h}.1/24"),
-                    "dev",
-                    "lan",
-                ],
-            );
-            sh("ip", &["-n", &router, "link", "set", "lan", "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &home,
-                    "addr",
-                    "add",
-                    &format!("192.168.{h}.2/24"),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            sh("ip", &["-n", &home, "link", "set", "eth0", "up"]);
+            addr_up(&router, "lan", &format!("192.168.{h}.1/24"));
+            addr_up(&home, "eth0", &format!("192.168.{h}.2/24"));
             sh(
                 "ip",
                 &[
