@@ -11,15 +11,16 @@ use crate::defaults;
 use crate::kademlia::Kademlia;
 use crate::limits;
 use crate::metrics::StoreMetrics;
+use crate::offer;
 use crate::record_store::RelayStore;
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     // First, so connections over the limits are denied before other behaviours see them.
     pub limits: limits::Behaviour,
-    pub relay: relay::Behaviour,
+    pub relay: offer::relay::Relay,
     pub kad: Kademlia,
-    pub identify: identify::Behaviour,
+    pub identify: offer::identify::Identify,
     pub ping: ping::Behaviour,
 }
 
@@ -71,18 +72,19 @@ impl Behaviour {
         kad.set_mode(Some(kad::Mode::Server));
         let kad = Kademlia::new(kad);
 
-        let identify = identify::Behaviour::new(
+        // Each client is told the relay's addresses it could dial (src/offer/).
+        let identify = offer::identify::Identify::new(identify::Behaviour::new(
             identify::Config::new(defaults::PROTOCOL_VERSION.to_owned(), key.public())
                 .with_agent_version(defaults::AGENT_VERSION.to_owned())
                 .with_push_listen_addr_updates(true),
-        );
+        ));
 
         // js-libp2p's DHT only keeps peers that answer ping.
         let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(30)));
 
         Self {
             limits,
-            relay: relay::Behaviour::new(peer_id, relay_config),
+            relay: offer::relay::Relay::new(peer_id, relay::Behaviour::new(peer_id, relay_config)),
             kad,
             identify,
             ping,

@@ -155,6 +155,11 @@ pub const OBSERVED_ADDR_NETWORKS: usize = 3;
 /// with the fewest networks behind it).
 pub const OBSERVED_ADDR_CANDIDATES: usize = 64;
 
+/// Longest a reservation's acceptance waits for the client's identify report of where
+/// it sees the relay, when the relay knows no other address that client could dial
+/// (src/offer/relay.rs). Identify answers within a round trip of the connection.
+pub const OFFER_WAIT_FOR_OBSERVED: Duration = Duration::from_secs(3);
+
 /// Unique peers counted exactly; beyond this `peers_served` switches to a 16 KiB
 /// HyperLogLog estimate (about 1% error) so the count never costs more than ~2 MiB.
 pub const UNIQUE_PEERS_EXACT_LIMIT: usize = 100_000;

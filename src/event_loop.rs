@@ -382,6 +382,11 @@ impl EventLoop {
             addrs = info.listen_addrs.len(),
             "identified"
         );
+        // Where this client sees the relay: what its reservations may offer it.
+        self.swarm
+            .behaviour_mut()
+            .relay
+            .observed(connection, &info.observed_addr);
         let speaks_kad = info.protocols.contains(&self.config.kad_protocol);
         let now = Instant::now();
         let reporter = self.routing.remote(&peer, connection).cloned();

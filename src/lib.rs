@@ -20,6 +20,7 @@ pub mod kademlia;
 pub mod limits;
 pub mod metrics;
 pub mod notify;
+pub mod offer;
 pub mod probe;
 pub mod record_store;
 pub mod routing;

@@ -8,6 +8,10 @@
 //!   home N router: wan 11.0.N.1/16 ──┘   nft masquerade (home 2: random ports, like a
 //!        │ lan 192.168.N.1/24              symmetric NAT), stateful: nothing comes in
 //!   home N LAN ns: eth0 192.168.N.2/24, default route via the router
+//!
+//!   cloud gateway ns: wan 11.0.0.20/16 ──┘  1:1 NAT to the VPS (as cloud providers do:
+//!        │ lan 10.0.0.1/24                  the host only has its private address)
+//!   vps ns: eth0 10.0.0.10/24, default route via the gateway
 //! ```
 //!
 //! No namespace has an interface or route to the host's network: veths are created
@@ -33,7 +37,7 @@ use std::time::Duration;
 use common::*;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, kad};
+use libp2p::{Multiaddr, PeerId, identify, kad};
 use privstack_relay::addrs::{self, Reach};
 use privstack_relay::config::RunArgs;
 use privstack_relay::{Config, Server};
@@ -43,6 +47,9 @@ const RELAY_IP: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 10);
 /// Home 1's router forwards this address to the relay: a device that dials it reports
 /// an observed address the relay is not at (a forgery from one network).
 const DECOY_IP: Ipv4Addr = Ipv4Addr::new(11, 0, 66, 66);
+/// The cloud gateway's public address, forwarded one to one to the VPS's private one.
+const CLOUD_IP: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 20);
+const VPS_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const PREFIX: &str = "psrl-";
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
@@ -133,7 +140,12 @@ impl Lab {
     }
 
     fn names(&self) -> Vec<String> {
-        let mut v = vec![self.ns("inet"), self.ns("relay")];
+        let mut v = vec![
+            self.ns("inet"),
+            self.ns("relay"),
+            self.ns("gw"),
+            self.ns("vps"),
+        ];
         for h in 1..=self.homes {
             v.push(self.ns(&format!("r{h}")));
             v.push(self.ns(&format!("h{h}")));
@@ -156,6 +168,7 @@ impl Lab {
             &["-n", &inet, "link", "set", "p-relay", "master", "br0", "up"],
         );
         addr_up(&relay, "eth0", "11.0.0.10/16");
+        self.build_cloud();
         for h in 1..=self.homes {
             let router = self.ns(&format!("r{h}"));
             let home = self.ns(&format!("h{h}"));
@@ -221,6 +234,47 @@ impl Lab {
         }
     }
 
+    /// The cloud: a gateway on the internet that forwards its public address one to
+    /// one to a VPS, which has only its private address (as on most cloud providers).
+    fn build_cloud(&self) {
+        let (inet, gw, vps) = (self.ns("inet"), self.ns("gw"), self.ns("vps"));
+        self.wire(&inet, "p-gw", &gw, "wan");
+        sh(
+            "ip",
+            &["-n", &inet, "link", "set", "p-gw", "master", "br0", "up"],
+        );
+        addr_up(&gw, "wan", &format!("{CLOUD_IP}/16"));
+        self.wire(&gw, "lan", &vps, "eth0");
+        addr_up(&gw, "lan", "10.0.0.1/24");
+        addr_up(&vps, "eth0", &format!("{VPS_IP}/24"));
+        sh(
+            "ip",
+            &["-n", &vps, "route", "add", "default", "via", "10.0.0.1"],
+        );
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &gw,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+        let rules = format!(
+            "table ip nat {{\n\
+             chain in {{ type nat hook prerouting priority dstnat; iifname \"wan\" ip daddr {CLOUD_IP} dnat to {VPS_IP}; }}\n\
+             chain out {{ type nat hook postrouting priority srcnat; oifname \"wan\" ip saddr {VPS_IP} snat to {CLOUD_IP}; }}\n\
+             }}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{}gw.nft", self.prefix));
+        std::fs::write(&path, rules).unwrap();
+        let file = path.to_str().unwrap().to_owned();
+        sh("ip", &["netns", "exec", &gw, "nft", "-f", &file]);
+        let _ = std::fs::remove_file(path);
+    }
+
     /// A veth pair between two lab namespaces (never the host's).
     fn wire(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
         sh(
@@ -238,7 +292,17 @@ impl Lab {
         external: bool,
         tweak: impl FnOnce(&mut RunArgs) + Send + 'static,
     ) -> InNs<Server> {
-        InNs::start(&self.ns("relay"), async move {
+        self.relay_in("relay", external, tweak).await
+    }
+
+    /// The relay in namespace `ns` (`relay`, or `vps` behind the cloud's NAT).
+    async fn relay_in(
+        &self,
+        ns: &str,
+        external: bool,
+        tweak: impl FnOnce(&mut RunArgs) + Send + 'static,
+    ) -> InNs<Server> {
+        InNs::start(&self.ns(ns), async move {
             let port = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
                 .and_then(|s| s.local_addr())
                 .expect("a free UDP port in the relay's namespace")
@@ -688,6 +752,89 @@ async fn an_observed_address_forged_from_one_network_is_not_announced() {
         relay.addresses()
     );
     drop((forgers, b));
+    stop(relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_behind_a_cloud_nat_offers_each_device_an_address_it_can_dial() {
+    let Some(lab) = Lab::new(2) else { return };
+    // A VPS with only its private address, no --external-address: the relay knows
+    // 127.0.0.1 and 10.0.0.10, neither of which a device on the internet can dial.
+    let relay = lab.relay_in("vps", false, |_| {}).await;
+    let port = relay.quic_addrs()[0].port();
+    let public = Multiaddr::empty()
+        .with(Protocol::Ip4(CLOUD_IP))
+        .with(Protocol::Udp(port))
+        .with(Protocol::QuicV1);
+    let public_p2p = public.clone().with(Protocol::P2p(relay.peer_id()));
+    let cloud_s = CLOUD_IP.to_string();
+    assert!(
+        !relay
+            .addresses()
+            .iter()
+            .any(|a| a.to_string().contains(&cloud_s)),
+        "the relay does not know its public address yet: {:?}",
+        relay.addresses()
+    );
+
+    let (mut a, a_ns) = lab.device(1).await.into_parts();
+    let relay_id = relay.peer_id();
+    let first = a.connect(public_p2p.clone()).await;
+    let offered_only_dialable = |listen: &[Multiaddr]| {
+        listen
+            .iter()
+            .all(|x| !matches!(addrs::reach(x), Reach::Private | Reach::Loopback))
+    };
+    assert!(
+        offered_only_dialable(&first.listen_addrs),
+        "identify offers a device on the internet only addresses it can dial: {:?}",
+        first.listen_addrs
+    );
+    // Once the device said where it sees the relay, identify pushes that address.
+    let pushed = if first.listen_addrs.contains(&public) {
+        first.listen_addrs
+    } else {
+        let want = public.clone();
+        a.wait(
+            "an identify push with the relay's public address",
+            |ev| match ev {
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Identify(
+                    identify::Event::Received { peer_id, info, .. },
+                )) if peer_id == relay_id => {
+                    assert!(
+                        offered_only_dialable(&info.listen_addrs),
+                        "{:?}",
+                        info.listen_addrs
+                    );
+                    info.listen_addrs
+                        .contains(&want)
+                        .then_some(info.listen_addrs)
+                }
+                _ => None,
+            },
+        )
+        .await
+    };
+    assert!(offered_only_dialable(&pushed), "{pushed:?}");
+
+    // A reservation lists the address the device reached the relay at, nothing else.
+    let reserved = a
+        .reserve(&public_p2p)
+        .await
+        .expect("reservation through the cloud's NAT");
+    assert!(
+        !reserved.is_empty()
+            && reserved
+                .iter()
+                .all(|x| addrs::ip(x) == Some(IpAddr::V4(CLOUD_IP))),
+        "the reservation offers only the relay's public address: {reserved:?}"
+    );
+    // ... and it works: a device in the other home reaches `a` through it.
+    let (mut b, b_ns) = lab.device(2).await.into_parts();
+    let endpoint = b.dial_via_circuit(&public_p2p, a.peer_id).await;
+    assert!(endpoint.is_relayed());
+    exchange_through_circuit(&mut a, &mut b, 1024 * 1024).await;
+    drop((a, b, a_ns, b_ns));
     stop(relay).await;
 }
 
