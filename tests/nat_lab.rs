@@ -85,6 +85,26 @@ fn addr_up(ns: &str, dev: &str, cidr: &str) {
     sh("ip", &["-n", ns, "link", "set", dev, "up"]);
 }
 
+/// Make namespace `ns` a router: IPv4 forwarding on, and the nftables `rules` loaded.
+fn route(ns: &str, rules: &str) {
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    );
+    let path = std::env::temp_dir().join(format!("{ns}.nft"));
+    std::fs::write(&path, rules).unwrap();
+    let file = path.to_str().unwrap().to_owned();
+    sh("ip", &["netns", "exec", ns, "nft", "-f", &file]);
+    let _ = std::fs::remove_file(path);
+}
+
 /// Delete namespaces of earlier runs whose process is gone.
 fn remove_stale() {
     let Ok(list) = run("ip", &["netns", "list"]) else {
@@ -162,22 +182,13 @@ impl Lab {
         sh("ip", &["-n", &inet, "link", "add", "br0", "type", "bridge"]);
         sh("ip", &["-n", &inet, "link", "set", "br0", "up"]);
         let relay = self.ns("relay");
-        self.wire(&inet, "p-relay", &relay, "eth0");
-        sh(
-            "ip",
-            &["-n", &inet, "link", "set", "p-relay", "master", "br0", "up"],
-        );
+        self.plug("p-relay", &relay, "eth0");
         addr_up(&relay, "eth0", "11.0.0.10/16");
         self.build_cloud();
         for h in 1..=self.homes {
             let router = self.ns(&format!("r{h}"));
             let home = self.ns(&format!("h{h}"));
-            let port = format!("p-r{h}");
-            self.wire(&inet, &port, &router, "wan");
-            sh(
-                "ip",
-                &["-n", &inet, "link", "set", &port, "master", "br0", "up"],
-            );
+            self.plug(&format!("p-r{h}"), &router, "wan");
             addr_up(&router, "wan", &format!("11.0.{h}.1/16"));
             self.wire(&router, "lan", &home, "eth0");
             addr_up(&router, "lan", &format!("192.168.{h}.1/24"));
@@ -192,17 +203,6 @@ impl Lab {
                     "default",
                     "via",
                     &format!("192.168.{h}.1"),
-                ],
-            );
-            sh(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &router,
-                    "sysctl",
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
                 ],
             );
             // Home 2 maps every flow to a random port (like a symmetric NAT); home 1
@@ -226,23 +226,15 @@ impl Lab {
                  ct state established,related accept; iifname \"lan\" oifname \"wan\" accept; }}\n\
                  }}\n"
             );
-            let path = std::env::temp_dir().join(format!("{}r{h}.nft", self.prefix));
-            std::fs::write(&path, rules).unwrap();
-            let file = path.to_str().unwrap().to_owned();
-            sh("ip", &["netns", "exec", &router, "nft", "-f", &file]);
-            let _ = std::fs::remove_file(path);
+            route(&router, &rules);
         }
     }
 
     /// The cloud: a gateway on the internet that forwards its public address one to
     /// one to a VPS, which has only its private address (as on most cloud providers).
     fn build_cloud(&self) {
-        let (inet, gw, vps) = (self.ns("inet"), self.ns("gw"), self.ns("vps"));
-        self.wire(&inet, "p-gw", &gw, "wan");
-        sh(
-            "ip",
-            &["-n", &inet, "link", "set", "p-gw", "master", "br0", "up"],
-        );
+        let (gw, vps) = (self.ns("gw"), self.ns("vps"));
+        self.plug("p-gw", &gw, "wan");
         addr_up(&gw, "wan", &format!("{CLOUD_IP}/16"));
         self.wire(&gw, "lan", &vps, "eth0");
         addr_up(&gw, "lan", "10.0.0.1/24");
@@ -251,28 +243,23 @@ impl Lab {
             "ip",
             &["-n", &vps, "route", "add", "default", "via", "10.0.0.1"],
         );
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &gw,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        );
         let rules = format!(
             "table ip nat {{\n\
              chain in {{ type nat hook prerouting priority dstnat; iifname \"wan\" ip daddr {CLOUD_IP} dnat to {VPS_IP}; }}\n\
              chain out {{ type nat hook postrouting priority srcnat; oifname \"wan\" ip saddr {VPS_IP} snat to {CLOUD_IP}; }}\n\
              }}\n"
         );
-        let path = std::env::temp_dir().join(format!("{}gw.nft", self.prefix));
-        std::fs::write(&path, rules).unwrap();
-        let file = path.to_str().unwrap().to_owned();
-        sh("ip", &["netns", "exec", &gw, "nft", "-f", &file]);
-        let _ = std::fs::remove_file(path);
+        route(&gw, &rules);
+    }
+
+    /// Join `dev` of namespace `ns` to the internet's bridge (`port` on its side).
+    fn plug(&self, port: &str, ns: &str, dev: &str) {
+        let inet = self.ns("inet");
+        self.wire(&inet, port, ns, dev);
+        sh(
+            "ip",
+            &["-n", &inet, "link", "set", port, "master", "br0", "up"],
+        );
     }
 
     /// A veth pair between two lab namespaces (never the host's).

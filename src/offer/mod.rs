@@ -37,20 +37,12 @@ pub struct Offer {
 
 impl Offer {
     /// The offer for a connection with this remote address.
+    /// (Relayed connections count as the internet: [`Origin::of`].)
     pub fn new(remote: &Multiaddr) -> Offer {
-        let origin = if remote.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-            Origin::Public
-        } else {
-            Origin::of(remote)
-        };
         Offer {
-            origin,
+            origin: Origin::of(remote),
             observed: None,
         }
-    }
-
-    pub fn origin(&self) -> Origin {
-        self.origin
     }
 
     /// The client reports the address it sees the relay at. Kept if the client could
@@ -58,10 +50,7 @@ impl Offer {
     /// QUIC address; returns whether the offer may have changed.
     pub fn observed(&mut self, addr: &Multiaddr) -> bool {
         let addr = addrs::without_p2p(addr);
-        let usable = admissible(&addr, self.origin)
-            && addrs::reach(&addr) != Reach::Other
-            && is_direct_quic(&addr);
-        if !usable || self.observed.as_ref() == Some(&addr) {
+        if !(self.direct(&addr) && is_direct_quic(&addr)) || self.observed.as_ref() == Some(&addr) {
             return false;
         }
         self.observed = Some(addr);
@@ -79,6 +68,7 @@ impl Offer {
         self.origin == Origin::Loopback || own.into_iter().any(|a| self.direct(a))
     }
 
+    /// A usable address this client could dial, not relayed.
     fn direct(&self, a: &Multiaddr) -> bool {
         usable(a) && admissible(a, self.origin) && addrs::reach(a) != Reach::Other
     }
@@ -162,7 +152,6 @@ mod tests {
         // client remote, relay's own addresses, client's observed, offered
         type Case<'a> = (&'a str, &'a [&'a str], Option<&'a str>, &'a [&'a str]);
         let cases: &[Case] = &[
-            // client remote, relay's own addresses, client's observed, offered
             (
                 "/ip4/127.0.0.1/udp/5/quic-v1",
                 &all,

@@ -8,7 +8,7 @@
 //! reservation request), the acceptance waits for that report, at most
 //! [`defaults::OFFER_WAIT_FOR_OBSERVED`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -52,7 +52,7 @@ pub struct Relay {
     offers: HashMap<ConnectionId, Offer>,
     parked: HashMap<ConnectionId, Parked>,
     /// Acceptances ready to go out (in order).
-    ready: Vec<Event>,
+    ready: VecDeque<Event>,
     timer: Option<Pin<Box<Sleep>>>,
     waker: Option<Waker>,
 }
@@ -64,7 +64,7 @@ impl Relay {
             local,
             offers: HashMap::new(),
             parked: HashMap::new(),
-            ready: Vec::new(),
+            ready: VecDeque::new(),
             timer: None,
             waker: None,
         }
@@ -83,7 +83,7 @@ impl Relay {
 
     fn release(&mut self, connection: ConnectionId, p: Parked) {
         let event = self.rewrite(connection, p.event);
-        self.ready.push(ToSwarm::NotifyHandler {
+        self.ready.push_back(ToSwarm::NotifyHandler {
             peer_id: p.peer,
             handler: NotifyHandler::One(connection),
             event: Either::Left(event),
@@ -128,10 +128,12 @@ impl Relay {
         else {
             return Some(event);
         };
+        // (Without an observed address, the offer holds something dialable exactly when
+        // the relay's own addresses do.)
         if let RelayIn::AcceptReservationReq { addrs, .. } = &event
             && let Some(offer) = self.offers.get(&connection)
             && !offer.knows_observed()
-            && !offer.has_dialable(&offer.select(addrs, Some(self.local)))
+            && !offer.has_dialable(addrs)
         {
             let until = Instant::now() + defaults::OFFER_WAIT_FOR_OBSERVED;
             self.parked.insert(
@@ -269,8 +271,8 @@ impl NetworkBehaviour for Relay {
         {
             self.release_expired(Instant::now());
         }
-        if !self.ready.is_empty() {
-            return Poll::Ready(self.ready.remove(0));
+        if let Some(event) = self.ready.pop_front() {
+            return Poll::Ready(event);
         }
         while let Poll::Ready(event) = self.inner.poll(cx) {
             if let Some(event) = self.intercept(event) {
