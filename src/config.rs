@@ -15,7 +15,8 @@ use crate::record_store::StoreLimits;
     version,
     long_version = crate::build_info::LONG_VERSION,
     about = "Stateless libp2p circuit relay and Kademlia bootstrap node for PrivStack clients",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -25,12 +26,34 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+const AFTER_HELP: &str = "\
+Every flag of the relay has the variable shown beside it; the command line wins over a
+variable, and an empty variable (or an empty item of a comma-separated list) is unset.
+Boolean variables take 1/0, true/false, yes/no or on/off.
+
+Exit codes:
+  0   stopped by SIGTERM/SIGINT/SIGQUIT, or --help / --version / check-config passed
+  1   the relay failed at run time (a port in use, a listener that died), or a probe failed
+  78  a settings error: unknown flag, bad value or variable, bad settings file line,
+      unusable identity key file (the systemd unit does not restart on it)";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the identity key if it does not exist and print the peer ID.
     Keygen(KeygenArgs),
     /// Check a relay from the outside: identity API, QUIC dial, identify, reservation.
     Probe(ProbeArgs),
+    /// Check the relay's settings and print every one (defaults included) as
+    /// PRIVSTACK_RELAY_X=value lines; exit 78 naming the first bad one.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Read the settings from FILE, as systemd's EnvironmentFile= reads it (quotes,
+    /// comments, continuation lines), instead of from this process's environment.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -73,7 +96,7 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_IDENTITY", default_value = defaults::IDENTITY_FILE)]
     pub identity: PathBuf,
 
-    /// Debug-level logging (RUST_LOG overrides).
+    /// Debug-level logging (RUST_LOG overrides). As a variable: 1/0, true/false, yes/no, on/off.
     #[arg(short, long, env = "PRIVSTACK_RELAY_VERBOSE")]
     pub verbose: bool,
 
@@ -168,9 +191,12 @@ pub struct RunArgs {
 }
 
 impl Default for RunArgs {
+    /// The defaults, whatever the process environment says.
     fn default() -> Self {
-        let cli = Cli::parse_from(["privstack-relay"]);
-        cli.run
+        crate::settings::parse(["privstack-relay"], &|_| None)
+            .expect("the defaults parse")
+            .cli
+            .run
     }
 }
 
@@ -196,6 +222,18 @@ pub enum ConfigError {
         value: u64,
         max: u64,
     },
+}
+
+impl ConfigError {
+    /// The flag (without `--`) the error is about.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            ConfigError::ExternalAddress { .. } => "external-address",
+            ConfigError::Bootstrap { .. } => "bootstrap",
+            ConfigError::KadProtocol(_) => "kad-protocol",
+            ConfigError::Zero { flag } | ConfigError::TooLarge { flag, .. } => flag,
+        }
+    }
 }
 
 /// A validated relay configuration.
@@ -383,8 +421,8 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut full = vec!["privstack-relay"];
         full.extend_from_slice(args);
-        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        Config::try_from(&cli.run).map_err(|e| e.to_string())
+        let parsed = crate::settings::parse(full, &|_| None).map_err(|e| e.to_string())?;
+        Config::try_from(&parsed.cli.run).map_err(|e| e.to_string())
     }
 
     #[test]

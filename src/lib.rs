@@ -13,6 +13,7 @@ pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod defaults;
+pub mod envfile;
 pub mod event_loop;
 pub mod external;
 pub mod identity;
@@ -25,6 +26,7 @@ pub mod probe;
 pub mod record_store;
 pub mod routing;
 pub mod server;
+pub mod settings;
 pub mod state;
 
 pub use config::{Cli, Config};

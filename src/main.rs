@@ -7,11 +7,11 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::Parser;
-use privstack_relay::config::{Command, KeygenArgs, ProbeArgs, RunArgs};
+use anyhow::{Context, anyhow};
+use privstack_relay::config::{CheckConfigArgs, Command, KeygenArgs, ProbeArgs, RunArgs};
 use privstack_relay::identity::{self, KeySource};
-use privstack_relay::{Cli, Config, Server, notify, probe};
+use privstack_relay::settings::{self, Parsed, exit};
+use privstack_relay::{Config, Server, notify, probe};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -20,20 +20,56 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Why the process stops: a settings error exits 78 (the unit does not restart on
+/// it), anything else 1.
+enum Fail {
+    Config(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Fail {
+    fn from(e: anyhow::Error) -> Self {
+        Fail::Other(e)
+    }
+}
+
+fn config_error(e: impl Into<anyhow::Error>) -> Fail {
+    Fail::Config(e.into())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Keygen(args)) => keygen(&args),
-        Some(Command::Probe(args)) => run_probe(&args),
-        None => run(&cli.run),
+    let parsed = match settings::parse(std::env::args_os(), &settings::process_env) {
+        Ok(p) => p,
+        Err(e) => {
+            e.print();
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let result = match &parsed.cli.command {
+        Some(Command::Keygen(args)) => keygen(args),
+        Some(Command::Probe(args)) => run_probe(args),
+        Some(Command::CheckConfig(args)) => check_config(args),
+        None => run(&parsed),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
+        Err(Fail::Config(e)) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::CONFIG)
+        }
+        Err(Fail::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::FAILURE)
         }
     }
+}
+
+/// Write `text` to stdout; a closed or full stdout is an error, not a panic.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
 }
 
 /// Log to stderr: `-v` is debug, `RUST_LOG` (`level` or `target=level,...`) overrides.
@@ -70,48 +106,68 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn keygen(args: &KeygenArgs) -> anyhow::Result<ExitCode> {
-    let (key, source) = identity::load_or_generate(&args.identity)?;
+fn keygen(args: &KeygenArgs) -> Result<ExitCode, Fail> {
+    let (key, source) = identity::load_or_generate(&args.identity).map_err(config_error)?;
     let how = match source {
         KeySource::Generated => "generated",
         KeySource::Loaded => "already exists",
     };
     eprintln!("identity key {}: {how}", args.identity.display());
-    println!("{}", key.public().to_peer_id());
+    print_out(&format!("{}\n", key.public().to_peer_id()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_probe(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
+fn run_probe(args: &ProbeArgs) -> Result<ExitCode, Fail> {
     init_logging(args.verbose, "warn");
     let rt = runtime()?;
     let timeout = Duration::from_secs(args.timeout.max(1));
-    println!("probe {}", args.target);
+    print_out(&format!("probe {}\n", args.target))?;
     match rt.block_on(probe::probe(&args.target, timeout, !args.no_reservation)) {
         Ok(report) => {
+            let mut text = String::new();
             for line in &report.lines {
-                println!("  {line}");
+                text += &format!("  {line}\n");
             }
-            println!("OK");
+            print_out(&(text + "OK\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("FAILED");
+            print_out("FAILED\n")?;
             eprintln!("probe failed: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
+fn check_config(args: &CheckConfigArgs) -> Result<ExitCode, Fail> {
+    let report =
+        settings::check_config(args.env_file.as_deref()).map_err(|e| config_error(anyhow!(e)))?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut text = report.lines.join("\n");
+    text.push('\n');
+    print_out(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
+    let args: &RunArgs = &parsed.cli.run;
     init_logging(args.verbose, "info");
+    for var in settings::unknown_process_variables() {
+        tracing::warn!("{var} is not a privstack-relay setting; ignored");
+    }
     // jemalloc returns freed memory to the OS only while the allocator is in use, so a
     // relay that goes quiet after a burst of clients would keep its peak RSS; its
     // background thread purges on a timer instead (BENCHMARKS.md, churn).
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::debug!("jemalloc background thread not enabled: {e}");
     }
-    let config = Config::try_from(args)?;
-    let (key, source) = identity::load_or_generate(&args.identity)?;
+    let config = Config::try_from(args).map_err(|e| match parsed.variable_of(e.flag()) {
+        Some(from) => config_error(anyhow!("{}: {e}", from.var)),
+        None => config_error(e),
+    })?;
+    let (key, source) = identity::load_or_generate(&args.identity).map_err(config_error)?;
     match source {
         KeySource::Generated => {
             tracing::info!(path = %args.identity.display(), "generated a new identity key")
@@ -121,10 +177,18 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let rt = runtime()?;
-    rt.block_on(async {
+    let code = rt.block_on(async {
         // Signal handlers first, so a SIGTERM during startup is not lost.
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sigquit = signal(SignalKind::quit()).context("installing SIGQUIT handler")?;
+        // Sent by terminals, tools and log rotation: without a handler each would kill
+        // the relay at once. They are logged and the relay keeps running.
+        let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let mut sigusr1 =
+            signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+        let mut sigusr2 =
+            signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
 
         let mut server = Server::spawn(key, config).await?;
         print_banner(&server);
@@ -132,12 +196,19 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             tracing::warn!("sd_notify READY=1 failed: {e}");
         }
 
-        let signal = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
-            stats = server.join() => {
-                anyhow::bail!("relay event loop stopped unexpectedly ({stats})");
-            }
+        let signal = loop {
+            let ignored = tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                _ = sigquit.recv() => break "SIGQUIT",
+                _ = sighup.recv() => "SIGHUP",
+                _ = sigusr1.recv() => "SIGUSR1",
+                _ = sigusr2.recv() => "SIGUSR2",
+                stats = server.join() => {
+                    anyhow::bail!("relay event loop stopped unexpectedly ({stats})");
+                }
+            };
+            tracing::info!("{ignored} received and ignored (SIGTERM stops the relay)");
         };
         tracing::info!("{signal} received, shutting down");
         let _ = notify::notify("STOPPING=1");
@@ -145,8 +216,9 @@ fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             Ok(stats) => tracing::info!("final counters: {stats}"),
             Err(_) => tracing::warn!("shutdown took longer than 4 s; exiting anyway"),
         }
-        Ok(ExitCode::SUCCESS)
-    })
+        anyhow::Ok(ExitCode::SUCCESS)
+    })?;
+    Ok(code)
 }
 
 fn print_banner(server: &Server) {

@@ -223,8 +223,11 @@ fn help_and_version_document_the_command_line() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--external-address /ip4/1.2.3.4/tcp/1"));
     let out = run(&["--port", "http"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78), "a settings error is EX_CONFIG");
     assert!(text(&out.stderr).contains("--port"));
+    for doc in ["Exit codes:", "78", "check-config", "yes/no"] {
+        assert!(help.contains(doc), "--help lacks {doc:?}");
+    }
 }
 
 #[test]
@@ -358,7 +361,7 @@ fn bad_identity_files_are_fatal_and_left_untouched() {
                 args.truncate(3);
             }
             let out = run(&args);
-            assert!(!out.status.success(), "{name} must be fatal");
+            assert_eq!(out.status.code(), Some(78), "{name} is a settings error");
             let err = text(&out.stderr);
             assert!(
                 err.contains(path.to_str().unwrap()),
@@ -379,7 +382,7 @@ fn bad_identity_files_are_fatal_and_left_untouched() {
         "--http-port",
         "0",
     ]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78));
     assert!(text(&out.stderr).contains("cannot read identity key"));
     assert!(path.is_dir());
     std::fs::remove_dir_all(dir).unwrap();
@@ -399,7 +402,11 @@ fn ports_in_use_are_reported_with_their_number() {
         "--identity",
         key.to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a port in use is no settings error"
+    );
     let err = text(&out.stderr);
     assert!(err.contains(&format!("UDP port {port}")), "{err}");
     assert!(err.contains("in use"), "{err}");
@@ -444,4 +451,317 @@ fn probe_of_a_dead_relay_fails_clearly() {
     let out = run(&["probe", "not-a-target"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("invalid target \"not-a-target\""));
+}
+
+/// The binary with only the given variables (none inherited from the test's own).
+fn run_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ {envs:?} privstack-relay {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn settings_errors_exit_78_naming_the_flag_or_variable_and_value() {
+    let dir = tempdir("exit78");
+    let key = dir.join("k");
+    let base = ["--identity", key.to_str().unwrap(), "--http-port", "0"];
+    // (extra arguments, variables, what stderr must name)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (&["--no-such-flag"], &[], &["--no-such-flag"]),
+        (&["--port", "65536"], &[], &["--port", "65536"]),
+        (&["--max-circuits=-1"], &[], &["--max-circuits", "-1"]),
+        (
+            &["--external-address", "/ip4/1.2.3.4/tcp/1"],
+            &[],
+            &["--external-address", "/ip4/1.2.3.4/tcp/1"],
+        ),
+        (
+            &[],
+            &[("PRIVSTACK_RELAY_PORT", "70000")],
+            &["PRIVSTACK_RELAY_PORT", "70000", "--port"],
+        ),
+        (
+            &[],
+            &[("PRIVSTACK_RELAY_VERBOSE", "maybe")],
+            &["PRIVSTACK_RELAY_VERBOSE", "maybe", "yes/no"],
+        ),
+        (
+            &[],
+            &[("PRIVSTACK_RELAY_EXTERNAL_ADDRESS", "/ip4/1.2.3.4/tcp/1")],
+            &["PRIVSTACK_RELAY_EXTERNAL_ADDRESS", "/ip4/1.2.3.4/tcp/1"],
+        ),
+        (
+            &[],
+            &[("PRIVSTACK_RELAY_BOOTSTRAP", "not-a-multiaddr")],
+            &["PRIVSTACK_RELAY_BOOTSTRAP", "not-a-multiaddr"],
+        ),
+        (
+            &[],
+            &[("PRIVSTACK_RELAY_KAD_MAX_RECORDS", "0")],
+            &["PRIVSTACK_RELAY_KAD_MAX_RECORDS", "--kad-max-records"],
+        ),
+    ];
+    for (args, envs, named) in cases {
+        let mut all: Vec<&str> = base.to_vec();
+        all.extend_from_slice(args);
+        let out = run_env(&all, envs);
+        assert_eq!(out.status.code(), Some(78), "{args:?} {envs:?}");
+        let err = text(&out.stderr);
+        for n in *named {
+            assert!(
+                err.contains(n),
+                "{args:?} {envs:?}: stderr lacks {n:?}:\n{err}"
+            );
+        }
+        assert!(!key.exists(), "a settings error must not create the key");
+    }
+    for args in [&["--help"][..], &["--version"], &["keygen", "--help"]] {
+        assert_eq!(run_env(args, &[]).status.code(), Some(0), "{args:?}");
+    }
+    assert_eq!(run_env(&["keygen", "--bogus"], &[]).status.code(), Some(78));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn boolean_and_empty_variables_as_environment_files_write_them() {
+    let dir = tempdir("envvars");
+    let key = dir.join("k");
+    let mut relay = Relay::start(
+        &dir,
+        &key,
+        &[
+            ("PRIVSTACK_RELAY_VERBOSE", "1"),
+            ("PRIVSTACK_RELAY_EXTERNAL_ADDRESS", ""),
+            ("PRIVSTACK_RELAY_BOOTSTRAP", " "),
+            ("PRIVSTACK_RELAY_MAX_CIRCUITS", ""),
+            ("PRIVSTACK_RELAY_NO_SUCH_SETTING", "x"),
+        ],
+    );
+    relay.banner_peer_id();
+    let (status, _) = http_get(&format!("{}/healthz", relay.url()));
+    assert_eq!(status, 200);
+    relay.sigterm();
+    assert_eq!(relay.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    let log = relay.stderr_text();
+    assert!(
+        log.contains("DEBUG"),
+        "PRIVSTACK_RELAY_VERBOSE=1 is debug logging:\n{log}"
+    );
+    assert!(
+        log.contains("PRIVSTACK_RELAY_NO_SUCH_SETTING is not a privstack-relay setting"),
+        "{log}"
+    );
+    drop(relay);
+    let mut relay = Relay::start(&dir, &key, &[("PRIVSTACK_RELAY_VERBOSE", "off")]);
+    relay.banner_peer_id();
+    relay.sigterm();
+    relay.wait_exit(Duration::from_secs(5));
+    assert!(!relay.stderr_text().contains("DEBUG"));
+    drop(relay);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn check_config(file: &Path) -> Output {
+    run_env(&["check-config", "--env-file", file.to_str().unwrap()], &[])
+}
+
+#[test]
+fn check_config_reads_an_environment_file_as_systemd_does() {
+    let dir = tempdir("checkconfig");
+    let file = dir.join("relay.env");
+    std::fs::write(
+        &file,
+        "# settings\r\n\
+         PRIVSTACK_RELAY_PORT=\"4101\"\r\n\
+         ; another comment\n\
+         PRIVSTACK_RELAY_HTTP_PORT = '4102'   \n\
+         PRIVSTACK_RELAY_VERBOSE=yes\n\
+         PRIVSTACK_RELAY_EXTERNAL_ADDRESS=/ip4/203.0.113.7/udp/4101/quic-v1,\\\n\
+         /dns4/relay.example.org/udp/4101/quic-v1\n\
+         PRIVSTACK_RELAY_BOOTSTRAP=\n\
+         RUST_LOG=info\n\
+         TZ=UTC\n",
+    )
+    .unwrap();
+    let out = check_config(&file);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "PRIVSTACK_RELAY_PORT=4101",
+        "PRIVSTACK_RELAY_HTTP_PORT=4102",
+        "PRIVSTACK_RELAY_VERBOSE=true",
+        "PRIVSTACK_RELAY_EXTERNAL_ADDRESS=/ip4/203.0.113.7/udp/4101/quic-v1,/dns4/relay.example.org/udp/4101/quic-v1",
+        "PRIVSTACK_RELAY_BOOTSTRAP=",
+        "PRIVSTACK_RELAY_IDENTITY=relay-identity.key",
+        "PRIVSTACK_RELAY_MAX_CIRCUITS=512",
+    ] {
+        assert!(
+            lines.contains(&want),
+            "check-config lacks {want:?}:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        lines.len(),
+        privstack_relay::settings::relay_variables().len(),
+        "one line per setting"
+    );
+    assert!(lines.iter().all(|l| l.starts_with("PRIVSTACK_RELAY_")));
+    assert!(
+        text(&out.stderr).contains("line 10 of"),
+        "TZ is warned about"
+    );
+
+    // What it prints reads back as the same settings.
+    let again = dir.join("resolved.env");
+    std::fs::write(&again, &out.stdout).unwrap();
+    assert_eq!(text(&check_config(&again).stdout), stdout);
+
+    // Each bad file: exit 78 and the line that is wrong.
+    let cases = [
+        (
+            "PRIVSTACK_RELAY_PORT=4101\n--port 4101\n",
+            "line 2 of",
+            "--port 4101",
+        ),
+        (
+            "PRIVSTACK_RELAY_PROT=4101\n",
+            "line 1 of",
+            "PRIVSTACK_RELAY_PROT",
+        ),
+        (
+            "# x\nPRIVSTACK_RELAY_HTTP_PORT=http\n",
+            "line 2 of",
+            "PRIVSTACK_RELAY_HTTP_PORT=\"http\"",
+        ),
+        (
+            "PRIVSTACK_RELAY_VERBOSE=2\n",
+            "line 1 of",
+            "PRIVSTACK_RELAY_VERBOSE",
+        ),
+        (
+            "\n\nPRIVSTACK_RELAY_EXTERNAL_ADDRESS=/ip4/1.2.3.4/tcp/1\n",
+            "line 3 of",
+            "--external-address /ip4/1.2.3.4/tcp/1",
+        ),
+        (
+            "PRIVSTACK_RELAY_KAD_MAX_RECORDS=0\n",
+            "line 1 of",
+            "--kad-max-records",
+        ),
+    ];
+    for (body, line, named) in cases {
+        std::fs::write(&file, body).unwrap();
+        let out = check_config(&file);
+        assert_eq!(out.status.code(), Some(78), "{body:?}");
+        assert!(out.stdout.is_empty(), "{body:?}: nothing printed on stdout");
+        let err = text(&out.stderr);
+        assert!(err.contains(line) && err.contains(named), "{body:?}: {err}");
+        assert!(err.contains(file.to_str().unwrap()), "{err}");
+    }
+    let missing = dir.join("missing.env");
+    let out = check_config(&missing);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out.stderr).contains(missing.to_str().unwrap()));
+
+    // Without a file: this process's environment.
+    let out = run_env(&["check-config"], &[("PRIVSTACK_RELAY_PORT", "4200")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l == "PRIVSTACK_RELAY_PORT=4200")
+    );
+    let out = run_env(&["check-config"], &[("PRIVSTACK_RELAY_PORT", "x")]);
+    assert_eq!(out.status.code(), Some(78));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn keygen_and_probe_with_stdout_closed_exit_with_an_error() {
+    let dir = tempdir("closedstdout");
+    let key = dir.join("k");
+    let dead = format!("http://127.0.0.1:{}", free_port(false));
+    for args in [
+        vec!["keygen", "--identity", key.to_str().unwrap()],
+        vec!["probe", "--timeout", "1", &dead],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+        assert!(err.contains("standard output"), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sighup_and_sigusr1_are_logged_and_ignored_and_sigquit_stops() {
+    let dir = tempdir("signals");
+    let key = dir.join("k");
+    let mut relay = Relay::start(&dir, &key, &[]);
+    relay.banner_peer_id();
+    for sig in ["HUP", "USR1", "USR2"] {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &relay.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !relay
+            .stderr_text()
+            .contains(&format!("SIG{sig} received and ignored"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "SIG{sig} not logged:\n{}",
+                relay.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            relay.child.try_wait().unwrap().is_none(),
+            "SIG{sig} killed the relay"
+        );
+        let (status, _) = http_get(&format!("{}/healthz", relay.url()));
+        assert_eq!(status, 200, "after SIG{sig}");
+    }
+    let ok = Command::new("kill")
+        .args(["-QUIT", &relay.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_eq!(relay.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    let log = relay.stderr_text();
+    assert!(
+        log.contains("SIGQUIT received") && log.contains("final counters"),
+        "{log}"
+    );
+    drop(relay);
+    std::fs::remove_dir_all(dir).unwrap();
 }
