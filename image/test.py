@@ -18,6 +18,8 @@ free ports on 127.0.0.1, and checks:
   - a listener started inside on a port the firewall does not open is reachable
     from inside and not from outside;
   - the boot partition holds privstack-relay.txt with the peer ID;
+  - (x86_64-bios) a bad setting in relay.env leaves the unit failed with exit code 78,
+    not restarting, the setting named in the journal; fixed, the relay starts again;
   - after a reboot the peer ID is the same and the first-boot unit did not run
     (x86_64-bios and aarch64-uefi only: x86_64-uefi boots the same image as
     x86_64-bios, and qemu's raspi3b loads the kernel itself, so a second boot there
@@ -57,10 +59,11 @@ EXTERNAL = "/ip4/203.0.113.7/udp/4101/quic-v1"
 
 CASES = {
     # Provisioned relay settings (written with CRLF line ends, as a Windows editor
-    # would): other ports, which the firewall must follow, and a public address.
+    # would): other ports, which the firewall must follow (one quoted, as systemd
+    # allows), a public address, and a boolean written as people write them.
     "x86_64-bios": dict(variant="x86_64", fat_mount="/boot/efi", ports=(4101, 4102),
-                        env="PRIVSTACK_RELAY_PORT=4101\r\nPRIVSTACK_RELAY_HTTP_PORT=4102\r\n"
-                            f"PRIVSTACK_RELAY_EXTERNAL_ADDRESS={EXTERNAL}\r\n", qemu=[
+                        env="PRIVSTACK_RELAY_PORT=\"4101\"\r\nPRIVSTACK_RELAY_HTTP_PORT=4102  \r\n"
+                            f"PRIVSTACK_RELAY_EXTERNAL_ADDRESS={EXTERNAL}\r\nPRIVSTACK_RELAY_VERBOSE=1\r\n", qemu=[
         "qemu-system-x86_64", "-machine", "pc"]),
     # A settings file with a typo is refused as a whole; the defaults stay.
     "x86_64-uefi": dict(variant="x86_64", fat_mount="/boot/efi",
@@ -303,6 +306,24 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
             env_now = m.ssh("grep -c '^PRIVSTACK_RELAY_PORT=' /etc/privstack-relay/relay.env || true")
             check(spec["refused"] in txt and env_now == "0",
                   "a malformed privstack-relay.env is refused, with the reason in privstack-relay.txt")
+
+        if "ports" in spec:
+            # A bad setting is a failed unit with the reason in the journal (exit 78,
+            # RestartPreventExitStatus), not a restart loop; fixed, it starts again.
+            env_file = "/etc/privstack-relay/relay.env"
+            m.ssh(f"cp {env_file} /run/relay.env.good && echo PRIVSTACK_RELAY_MAX_CIRCUITS=many >> {env_file}"
+                  " && systemctl restart privstack-relay.service", check=False)
+            time.sleep(8)  # longer than RestartSec=5
+            props = dict(l.split("=", 1) for l in m.ssh(
+                "systemctl show -p ActiveState -p ExecMainStatus -p NRestarts privstack-relay.service").splitlines())
+            journal = m.ssh("journalctl -b -u privstack-relay.service --no-pager -o cat | tail -n 5")
+            check(props == {"ActiveState": "failed", "ExecMainStatus": "78", "NRestarts": "0"}
+                  and 'PRIVSTACK_RELAY_MAX_CIRCUITS="many"' in journal,
+                  f"a bad relay.env leaves a failed unit (exit 78, no restarts) naming the setting ({props})")
+            m.ssh(f"mv /run/relay.env.good {env_file} && systemctl restart privstack-relay.service")
+            again = m.identity(time.monotonic() + BOOT_TIMEOUT)
+            check(again["peer_id"] == peer, "relay.env fixed: the relay starts again")
+            m.ssh("systemctl reset-failed")
 
         m.ssh(f"systemd-run --unit=closed-port-test python3 -m http.server {CLOSED_PORT}")
         inside = m.ssh(f"for i in $(seq 20); do python3 -c 'import urllib.request as u; "

@@ -137,13 +137,21 @@ if [ ! -L "$WANTS/privstack-relay.service" ]; then
     CHANGED=1
 fi
 
-# Ports the relay will use, from the env file if the operator set them.
-env_port() {
-    v=$(sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p" "$ROOT/etc/privstack-relay/relay.env" 2>/dev/null | tail -n1)
+# Ports the relay will use, from relay.env as systemd reads it (the relay's own
+# check-config; the binary is this machine's, checked above).
+ENV_FILE="$ROOT/etc/privstack-relay/relay.env"
+settings_port() {
+    v=$(echo "$SETTINGS" | sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p")
     echo "${v:-$2}"
 }
-QUIC_PORT=$(env_port PRIVSTACK_RELAY_PORT 4001)
-HTTP_PORT=$(env_port PRIVSTACK_RELAY_HTTP_PORT 4002)
+if [ -z "$ROOT" ]; then
+    if ! SETTINGS=$("$BIN" check-config --env-file "$ENV_FILE"); then
+        echo "install.sh: $ENV_FILE is refused (above); the relay will not start until it is fixed" >&2
+        SETTINGS=""
+    fi
+    QUIC_PORT=$(settings_port PRIVSTACK_RELAY_PORT 4001)
+    HTTP_PORT=$(settings_port PRIVSTACK_RELAY_HTTP_PORT 4002)
+fi
 
 open_ports() {
     if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q 'Status: active'; then
