@@ -145,6 +145,58 @@ pub fn without_p2p(addr: &Multiaddr) -> Multiaddr {
         .collect()
 }
 
+/// Resolve a `/dns/`, `/dns4/` or `/dns6/` address into the `/ip4/`/`/ip6/` addresses
+/// its name has now (`/dns4/` only IPv4, `/dns6/` only IPv6), the rest of the address
+/// kept. Other addresses come back as they are. Uses the system resolver
+/// (`/etc/hosts`, `/etc/resolv.conf`), called anew each time: a relay federated by name
+/// follows its peer to a new address.
+pub async fn resolve(addr: &Multiaddr) -> std::io::Result<Vec<Multiaddr>> {
+    let mut iter = addr.iter();
+    let (name, v4, v6) = match iter.next() {
+        Some(Protocol::Dns(n)) => (n, true, true),
+        Some(Protocol::Dns4(n)) => (n, true, false),
+        Some(Protocol::Dns6(n)) => (n, false, true),
+        _ => return Ok(vec![addr.clone()]),
+    };
+    let rest: Vec<Protocol<'_>> = iter.collect();
+    let mut out = Vec::new();
+    for sock in tokio::net::lookup_host((name.as_ref(), 0)).await? {
+        let ip = match sock.ip() {
+            IpAddr::V4(ip) if v4 => Protocol::Ip4(ip),
+            IpAddr::V6(ip) if v6 => Protocol::Ip6(ip),
+            _ => continue,
+        };
+        let resolved: Multiaddr = std::iter::once(ip).chain(rest.iter().cloned()).collect();
+        if !out.contains(&resolved) {
+            out.push(resolved);
+        }
+    }
+    if out.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "{name} has no {} address",
+                if v4 == v6 {
+                    "IP"
+                } else if v4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                }
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// A `/dns/`, `/dns4/` or `/dns6/` address.
+pub fn is_dns(addr: &Multiaddr) -> bool {
+    matches!(
+        addr.iter().next(),
+        Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, multiaddr::Protocol};
 
-use crate::defaults;
 use crate::record_store::StoreLimits;
+use crate::{addrs, defaults};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -236,12 +236,34 @@ impl ConfigError {
     }
 }
 
+impl Config {
+    /// The checks that need the relay's own peer ID (known once the key is loaded): a
+    /// `/p2p/` in `--external-address` names this relay, `--bootstrap` names others.
+    pub fn check_peer_id(&self, own: &PeerId) -> Result<(), ConfigError> {
+        if let Some((addr, _)) = self.external_peers.iter().find(|(_, p)| p != own) {
+            return Err(ConfigError::ExternalAddress {
+                addr: addr.clone(),
+                reason: "its /p2p/ names another peer, not this relay",
+            });
+        }
+        if let Some((_, addr)) = self.bootstrap.iter().find(|(p, _)| p == own) {
+            return Err(ConfigError::Bootstrap {
+                addr: addr.clone().with(Protocol::P2p(*own)),
+                reason: "names this relay itself",
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A validated relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub port: u16,
     pub http_port: u16,
     pub external_addresses: Vec<Multiaddr>,
+    /// `/p2p/` peer IDs written into `--external-address` values (they must be ours).
+    pub external_peers: Vec<(Multiaddr, PeerId)>,
     pub bootstrap: Vec<(PeerId, Multiaddr)>,
     pub kad_protocol: StreamProtocol,
     pub store: StoreLimits,
@@ -275,6 +297,7 @@ impl TryFrom<&RunArgs> for Config {
 
     fn try_from(a: &RunArgs) -> Result<Self, ConfigError> {
         let mut external_addresses = Vec::new();
+        let mut external_peers = Vec::new();
         for addr in &a.external_addresses {
             let mut iter = addr.iter();
             let ip_ok = matches!(
@@ -294,6 +317,24 @@ impl TryFrom<&RunArgs> for Config {
                     addr: addr.clone(),
                     reason: "expected /ip4|ip6|dns/<host>/udp/<port>/quic-v1",
                 });
+            }
+            let reason = match addr.iter().nth(1) {
+                _ if addrs::is_unspecified(addr) => Some(
+                    "a wildcard address (0.0.0.0, ::) is not dialable: give the public IP or name",
+                ),
+                Some(Protocol::Udp(0)) => Some("port 0 is not dialable: give the port clients use"),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                return Err(ConfigError::ExternalAddress {
+                    addr: addr.clone(),
+                    reason,
+                });
+            }
+            for p in addr.iter() {
+                if let Protocol::P2p(peer) = p {
+                    external_peers.push((addr.clone(), peer));
+                }
             }
             let addr: Multiaddr = addr
                 .iter()
@@ -385,6 +426,7 @@ impl TryFrom<&RunArgs> for Config {
             port: a.port,
             http_port: a.http_port,
             external_addresses,
+            external_peers,
             bootstrap,
             kad_protocol,
             store: StoreLimits {
@@ -455,6 +497,68 @@ mod tests {
         assert!(e.contains("--reservation-duration-secs"), "{e}");
         let e = parse(&["--port", "70000"]).unwrap_err();
         assert!(e.contains("--port"), "{e}");
+    }
+
+    #[test]
+    fn external_addresses_must_be_dialable_and_ours() {
+        for bad in [
+            "/ip4/0.0.0.0/udp/4001/quic-v1",
+            "/ip6/::/udp/4001/quic-v1",
+            "/ip4/203.0.113.7/udp/0/quic-v1",
+        ] {
+            let e = parse(&["--external-address", bad]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        for good in [
+            "/dns4/relay.example.org/udp/4001/quic-v1",
+            "/dns6/relay.example.org/udp/4001/quic-v1",
+            "/dns/relay.example.org/udp/4001/quic-v1",
+        ] {
+            parse(&["--external-address", good]).unwrap();
+        }
+        let own = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let other = PeerId::random();
+        let ok = parse(&[
+            "--external-address",
+            &format!("/ip4/203.0.113.7/udp/4001/quic-v1/p2p/{own}"),
+        ])
+        .unwrap();
+        assert!(ok.check_peer_id(&own).is_ok());
+        assert_eq!(
+            ok.external_addresses[0].to_string(),
+            "/ip4/203.0.113.7/udp/4001/quic-v1"
+        );
+        let e = ok.check_peer_id(&other).unwrap_err().to_string();
+        assert!(e.contains("another peer"), "{e}");
+    }
+
+    #[test]
+    fn bootstrap_takes_names_and_refuses_the_relay_itself() {
+        let own = PeerId::random();
+        let other = PeerId::random();
+        for host in [
+            "dns4/relay-1.example.org",
+            "dns6/relay-1.example.org",
+            "dns/relay-1.example.org",
+        ] {
+            let c = parse(&[
+                "--bootstrap",
+                &format!("/{host}/udp/4001/quic-v1/p2p/{other}"),
+            ])
+            .unwrap();
+            assert_eq!(c.bootstrap[0].0, other);
+            assert!(c.check_peer_id(&own).is_ok());
+        }
+        let c = parse(&[
+            "--bootstrap",
+            &format!("/ip4/192.0.2.1/udp/4001/quic-v1/p2p/{own}"),
+        ])
+        .unwrap();
+        let e = c.check_peer_id(&own).unwrap_err();
+        assert_eq!(e.flag(), "bootstrap");
+        assert!(e.to_string().contains("this relay itself"), "{e}");
     }
 
     #[test]

@@ -16,8 +16,9 @@ use libp2p::core::transport::ListenerId;
 use libp2p::metrics::{Metrics as Libp2pMetrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, relay};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::addrs;
 use crate::behaviour::{Behaviour, BehaviourEvent};
@@ -44,6 +45,9 @@ pub struct EventLoop {
     listen_requests: HashMap<ListenerId, Multiaddr>,
     observed: ObservedAddrs,
     snapshot: watch::Sender<Snapshot>,
+    /// Bootstrap relays given by name: their addresses as just resolved.
+    resolved_tx: mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>)>,
+    resolved_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
 }
 
 impl EventLoop {
@@ -55,6 +59,7 @@ impl EventLoop {
         snapshot: watch::Sender<Snapshot>,
     ) -> Self {
         let routing = RoutingPolicy::new(config.bootstrap.iter().map(|(p, _)| *p));
+        let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
         Self {
             swarm,
             config,
@@ -67,6 +72,8 @@ impl EventLoop {
             listen_requests: HashMap::new(),
             observed: ObservedAddrs::default(),
             snapshot,
+            resolved_tx,
+            resolved_rx,
         }
     }
 
@@ -108,22 +115,57 @@ impl EventLoop {
         self.publish();
     }
 
+    /// Dial the `--bootstrap` relays the swarm is not connected to, and run a Kademlia
+    /// bootstrap. Names are resolved again each time (off the event loop; the dial
+    /// follows in [`Self::bootstrap_resolved`]).
     fn bootstrap(&mut self) {
         if self.config.bootstrap.is_empty() {
             return;
         }
         for (peer, addr) in self.config.bootstrap.clone() {
+            if addrs::is_dns(&addr) {
+                let tx = self.resolved_tx.clone();
+                tokio::spawn(async move {
+                    match addrs::resolve(&addr).await {
+                        Ok(resolved) => {
+                            let _ = tx.send((peer, resolved));
+                        }
+                        Err(e) => tracing::warn!(%addr, "cannot resolve bootstrap relay: {e}"),
+                    }
+                });
+                continue;
+            }
+            self.dial_bootstrap(peer, vec![addr]);
+        }
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::debug!("kademlia bootstrap: {e}");
+        }
+    }
+
+    fn dial_bootstrap(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        for addr in &addrs {
             self.swarm
                 .behaviour_mut()
                 .kad
                 .add_address(&peer, addr.clone());
-            if !self.swarm.is_connected(&peer) {
-                let dial = addr.with(Protocol::P2p(peer));
-                if let Err(e) = self.swarm.dial(dial.clone()) {
-                    tracing::warn!(%dial, "cannot dial bootstrap relay: {e}");
-                }
+        }
+        if !self.swarm.is_connected(&peer) {
+            let shown = addrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let dial = DialOpts::peer_id(peer).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(dial) {
+                tracing::warn!(%peer, addresses = %shown, "cannot dial bootstrap relay: {e}");
             }
         }
+    }
+
+    /// A named bootstrap relay's addresses have been resolved.
+    fn bootstrap_resolved(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        tracing::debug!(%peer, ?addrs, "bootstrap relay resolved");
+        self.dial_bootstrap(peer, addrs);
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
             tracing::debug!("kademlia bootstrap: {e}");
         }
@@ -142,6 +184,7 @@ impl EventLoop {
                 _ = stats_log.tick() => tracing::info!("{}", self.stats()),
                 _ = gauges.tick() => self.update_gauges(),
                 _ = bootstrap.tick() => self.bootstrap(),
+                Some((peer, addrs)) = self.resolved_rx.recv() => self.bootstrap_resolved(peer, addrs),
                 _ = stopped(&mut shutdown) => break,
             }
         }

@@ -163,11 +163,16 @@ fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::debug!("jemalloc background thread not enabled: {e}");
     }
-    let config = Config::try_from(args).map_err(|e| match parsed.variable_of(e.flag()) {
+    // A settings error names the variable when one set the flag.
+    let named = |e: privstack_relay::config::ConfigError| match parsed.variable_of(e.flag()) {
         Some(from) => config_error(anyhow!("{}: {e}", from.var)),
         None => config_error(e),
-    })?;
+    };
+    let config = Config::try_from(args).map_err(named)?;
     let (key, source) = identity::load_or_generate(&args.identity).map_err(config_error)?;
+    config
+        .check_peer_id(&key.public().to_peer_id())
+        .map_err(named)?;
     match source {
         KeySource::Generated => {
             tracing::info!(path = %args.identity.display(), "generated a new identity key")

@@ -690,6 +690,55 @@ fn check_config_reads_an_environment_file_as_systemd_does() {
 }
 
 #[test]
+fn addresses_naming_the_wrong_peer_are_settings_errors() {
+    let dir = tempdir("peerids");
+    let key = dir.join("k");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/original-relay-identity.key"),
+        &key,
+    )
+    .unwrap();
+    let other = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+    let cases = [
+        (
+            "PRIVSTACK_RELAY_BOOTSTRAP",
+            format!("/ip4/192.0.2.1/udp/4001/quic-v1/p2p/{ORIGINAL_PEER_ID}"),
+            "names this relay itself",
+        ),
+        (
+            "PRIVSTACK_RELAY_EXTERNAL_ADDRESS",
+            format!("/ip4/203.0.113.7/udp/4001/quic-v1/p2p/{other}"),
+            "another peer",
+        ),
+        (
+            "PRIVSTACK_RELAY_EXTERNAL_ADDRESS",
+            "/ip4/0.0.0.0/udp/4001/quic-v1".to_string(),
+            "wildcard",
+        ),
+    ];
+    for (var, value, why) in &cases {
+        let out = run_env(
+            &[
+                "--identity",
+                key.to_str().unwrap(),
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ],
+            &[(var, value)],
+        );
+        assert_eq!(out.status.code(), Some(78), "{var}={value}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(var) && err.contains(value.as_str()) && err.contains(why),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn keygen_and_probe_with_stdout_closed_exit_with_an_error() {
     let dir = tempdir("closedstdout");
     let key = dir.join("k");

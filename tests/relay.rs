@@ -391,6 +391,23 @@ async fn three_relays_form_one_dht() {
     }
 }
 
+/// Operators federate relays by name: `--bootstrap /dns4/<name>/...` is resolved by
+/// the system resolver (`localhost` through /etc/hosts here) and dialed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_relay_given_by_name_is_resolved_and_joined() {
+    let r1 = spawn_relay(|_| {}).await;
+    let port = r1.quic_addrs()[0].port();
+    let by_name: Multiaddr = format!("/dns4/localhost/udp/{port}/quic-v1/p2p/{}", r1.peer_id())
+        .parse()
+        .unwrap();
+    let r2 = spawn_relay(move |a| a.bootstrap = vec![by_name]).await;
+    wait_metric(&r1, "relay_connections", |v| v >= 1.0).await;
+    wait_metric(&r2, "relay_kad_routing_peers", |v| v >= 1.0).await;
+    for r in [r1, r2] {
+        r.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_address_is_listed_first_and_carried_by_reservations() {
     let external: Multiaddr = "/ip4/203.0.114.7/udp/4001/quic-v1".parse().unwrap();
