@@ -179,3 +179,9 @@ pub const HTTP_MAX_BODY_BYTES: usize = 4 * 1024;
 
 /// Time given to in-flight HTTP requests and the swarm to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long a port found in use at startup may take to come free before that is an
+/// error: a process killed just before may still hold it while the kernel tears it down
+/// (its memory goes first, so a big process takes longer). Three seconds covers that and
+/// stays well inside systemd's start timeout.
+pub const BIND_IN_USE_GRACE: Duration = Duration::from_secs(3);

@@ -99,13 +99,13 @@ impl Server {
         // HTTP on both families, same port.
         let mut listeners = Vec::new();
         let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), config.http_port);
-        let l4 = bind_tcp(v4)?;
+        let l4 = bind_tcp(v4).await?;
         let http_port = l4
             .local_addr()
             .map(|a| a.port())
             .unwrap_or(config.http_port);
         listeners.push(l4);
-        match bind_tcp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), http_port)) {
+        match bind_tcp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), http_port)).await {
             Ok(l6) => listeners.push(l6),
             Err(SpawnError::BindHttp { source, .. }) if ipv6_missing(&source) => {
                 tracing::warn!("IPv6 unavailable ({source}); HTTP API listens on IPv4 only");
@@ -242,7 +242,9 @@ async fn listen_quic(event_loop: &mut EventLoop, addr: SocketAddr) -> Result<u16
         source,
     };
     // libp2p wraps the OS error; binding once ourselves first yields a precise one.
-    check_bind(addr, Type::DGRAM).map_err(err)?;
+    bind_retrying(|| check_bind(addr, Type::DGRAM))
+        .await
+        .map_err(err)?;
     let bound = event_loop
         .listen(quic_multiaddr(addr))
         .await
@@ -271,20 +273,43 @@ fn check_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
     new_socket(addr, ty)?.bind(&addr.into())
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SpawnError> {
-    let result = (|| {
+async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SpawnError> {
+    let bind = || {
         let socket = new_socket(addr, Type::STREAM)?;
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         TcpListener::from_std(socket.into())
-    })();
-    result.map_err(|source| SpawnError::BindHttp {
-        addr,
-        port: addr.port(),
-        source,
-    })
+    };
+    bind_retrying(bind)
+        .await
+        .map_err(|source| SpawnError::BindHttp {
+            addr,
+            port: addr.port(),
+            source,
+        })
+}
+
+/// Bind, giving a port that is in use [`defaults::BIND_IN_USE_GRACE`] to come free:
+/// the kernel closes a dead process's sockets only while it tears the process down, so
+/// a relay started right after the previous one was killed can find its ports still
+/// taken for a moment (measured: 1 start in 200 right after SIGKILL). A port that
+/// stays in use is reported as before, only later.
+async fn bind_retrying<T>(mut bind: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let deadline = tokio::time::Instant::now() + defaults::BIND_IN_USE_GRACE;
+    loop {
+        match bind() {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!("{e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The host has no IPv6 (module not loaded, disabled by sysctl, no address).
