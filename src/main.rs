@@ -113,6 +113,12 @@ fn keygen(args: &KeygenArgs) -> Result<ExitCode, Fail> {
         KeySource::Loaded => "already exists",
     };
     eprintln!("identity key {}: {how}", args.identity.display());
+    if let Some(mode) = identity::loose_permissions(&args.identity) {
+        eprintln!(
+            "warning: identity key {} has mode {mode:o}: other users can read it; chmod 600 it",
+            args.identity.display()
+        );
+    }
     print_out(&format!("{}\n", key.public().to_peer_id()))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -180,6 +186,13 @@ fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
         KeySource::Loaded => {
             tracing::debug!(path = %args.identity.display(), "loaded identity key")
         }
+    }
+    if let Some(mode) = identity::loose_permissions(&args.identity) {
+        tracing::warn!(
+            path = %args.identity.display(),
+            mode = format_args!("{mode:o}"),
+            "identity key is readable by other users; chmod 600 it"
+        );
     }
     let rt = runtime()?;
     let code = rt.block_on(async {

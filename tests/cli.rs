@@ -796,6 +796,55 @@ fn a_relay_started_right_after_a_sigkill_binds_again() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Measured before the key was written through an unnamed O_TMPFILE: 109 of 200
+/// keygens killed while creating the key left `.k.tmp-*` files with private key bytes.
+#[test]
+fn a_keygen_killed_while_writing_leaves_no_key_material_behind() {
+    let dir = tempdir("killedkeygen");
+    let key = dir.join("k");
+    for i in 0..200u64 {
+        let mut child = Command::new(BIN)
+            .args(["keygen", "--identity"])
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread the kills over the first milliseconds, where the key is written.
+        std::thread::sleep(Duration::from_micros((i * 37) % 3000));
+        let _ = child.kill();
+        let _ = child.wait();
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "k")
+            .collect();
+        assert!(left.is_empty(), "kill {i} left {left:?}");
+        let _ = std::fs::remove_file(&key);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn keygen_warns_about_a_key_others_can_read() {
+    let dir = tempdir("loosekey");
+    let key = dir.join("k");
+    assert!(
+        run(&["keygen", "--identity", key.to_str().unwrap()])
+            .status
+            .success()
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&["keygen", "--identity", key.to_str().unwrap()]);
+    assert!(out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("644") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn keygen_and_probe_with_stdout_closed_exit_with_an_error() {
     let dir = tempdir("closedstdout");
