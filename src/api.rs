@@ -21,12 +21,14 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::defaults;
-use crate::state::{Snapshot, stopped};
+use crate::state::{Heartbeat, Snapshot, stopped};
 
 #[derive(Clone)]
 struct AppState {
     snapshot: watch::Receiver<Snapshot>,
     registry: Arc<Registry>,
+    heartbeat: Heartbeat,
+    stall_after: std::time::Duration,
 }
 
 /// Body of `GET /api/v1/identity` (SPEC §1).
@@ -44,7 +46,14 @@ struct ErrorBody<'a> {
     path: String,
 }
 
-pub fn router(snapshot: watch::Receiver<Snapshot>, registry: Arc<Registry>) -> Router {
+/// The API's routes. `/healthz` fails when no QUIC listener is up or when the event
+/// loop's `heartbeat` is older than `stall_after`.
+pub fn router(
+    snapshot: watch::Receiver<Snapshot>,
+    registry: Arc<Registry>,
+    heartbeat: Heartbeat,
+    stall_after: std::time::Duration,
+) -> Router {
     Router::new()
         .route("/api/v1/identity", get(identity))
         .route("/healthz", get(healthz))
@@ -56,7 +65,12 @@ pub fn router(snapshot: watch::Receiver<Snapshot>, registry: Arc<Registry>) -> R
             StatusCode::REQUEST_TIMEOUT,
             defaults::HTTP_REQUEST_TIMEOUT,
         ))
-        .with_state(AppState { snapshot, registry })
+        .with_state(AppState {
+            snapshot,
+            registry,
+            heartbeat,
+            stall_after,
+        })
 }
 
 async fn identity(State(state): State<AppState>) -> Json<IdentityResponse> {
@@ -70,10 +84,17 @@ async fn identity(State(state): State<AppState>) -> Json<IdentityResponse> {
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    if state.snapshot.borrow().listening {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
+    let age = state.heartbeat.age();
+    if !state.snapshot.borrow().listening {
         (StatusCode::SERVICE_UNAVAILABLE, "no QUIC listener\n").into_response()
+    } else if age > state.stall_after {
+        let body = format!(
+            "event loop stalled: no turn for {:.1} s\n",
+            age.as_secs_f64()
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
     }
 }
 
@@ -175,5 +196,44 @@ pub async fn serve(
         .is_err()
     {
         tracing::debug!("HTTP connections still open after the grace period; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn healthz_fails_when_the_event_loop_stops_beating() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let (_tx, snapshot) = watch::channel(Snapshot {
+            peer_id: key.public().to_peer_id(),
+            addresses: Vec::new(),
+            listening: true,
+        });
+        let heartbeat = Heartbeat::default();
+        heartbeat.beat();
+        let app = router(
+            snapshot,
+            Arc::new(Registry::default()),
+            heartbeat.clone(),
+            Duration::from_millis(300),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        let (stop, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, app, Arc::new(Semaphore::new(8)), stop_rx));
+        let get = || crate::client::request("GET", &url, Duration::from_secs(5));
+
+        assert_eq!(get().await.unwrap().status, 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let stalled = get().await.unwrap();
+        assert_eq!(stalled.status, 503);
+        assert!(String::from_utf8_lossy(&stalled.body).contains("event loop stalled"));
+        heartbeat.beat();
+        assert_eq!(get().await.unwrap().status, 200);
+        let _ = stop.send(true);
+        server.await.unwrap();
     }
 }

@@ -185,3 +185,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// (its memory goes first, so a big process takes longer). Three seconds covers that and
 /// stays well inside systemd's start timeout.
 pub const BIND_IN_USE_GRACE: Duration = Duration::from_secs(3);
+
+/// How often the event loop beats (its heartbeat, read by `/healthz`; systemd's watchdog
+/// is fed from the same timer, at least this often).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `/healthz` answers 503 when the event loop has not gone round for this long: ten
+/// missed beats, far beyond any single event's work on a healthy relay.
+pub const EVENT_LOOP_STALL: Duration = Duration::from_secs(10);

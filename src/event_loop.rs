@@ -26,9 +26,10 @@ use crate::config::Config;
 use crate::defaults;
 use crate::external::ObservedAddrs;
 use crate::metrics::{RelayMetrics, UniquePeers};
+use crate::notify;
 use crate::record_store::Refusal;
 use crate::routing::{Action, RoutingPolicy};
-use crate::state::{Snapshot, Stats, stopped};
+use crate::state::{Heartbeat, Snapshot, Stats, stopped};
 
 pub struct EventLoop {
     pub(crate) swarm: Swarm<Behaviour>,
@@ -48,6 +49,7 @@ pub struct EventLoop {
     /// Bootstrap relays given by name: their addresses as just resolved.
     resolved_tx: mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>)>,
     resolved_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
+    heartbeat: Heartbeat,
 }
 
 impl EventLoop {
@@ -74,11 +76,17 @@ impl EventLoop {
             snapshot,
             resolved_tx,
             resolved_rx,
+            heartbeat: Heartbeat::default(),
         }
     }
 
     pub fn peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
+    }
+
+    /// The loop's heartbeat, for `/healthz`.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Start a QUIC listener on a wildcard address and wait until it reports its
@@ -178,12 +186,25 @@ impl EventLoop {
         let mut gauges = tokio::time::interval(Duration::from_secs(10));
         let mut bootstrap = tokio::time::interval(defaults::BOOTSTRAP_INTERVAL);
         bootstrap.reset();
+        // The heartbeat (and systemd's watchdog) come from this loop's own timer: a loop
+        // stuck in one event misses them, /healthz turns 503 and systemd restarts it.
+        let watchdog = notify::watchdog_interval();
+        let mut heartbeat =
+            tokio::time::interval(watchdog.map_or(defaults::HEARTBEAT_INTERVAL, |w| {
+                w.min(defaults::HEARTBEAT_INTERVAL)
+            }));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 _ = stats_log.tick() => tracing::info!("{}", self.stats()),
                 _ = gauges.tick() => self.update_gauges(),
                 _ = bootstrap.tick() => self.bootstrap(),
+                _ = heartbeat.tick() => {
+                    self.heartbeat.beat();
+                    if watchdog.is_some() && let Err(e) = notify::notify("WATCHDOG=1") {
+                        tracing::warn!("sd_notify WATCHDOG=1 failed: {e}");
+                    }
+                }
                 Some((peer, addrs)) = self.resolved_rx.recv() => self.bootstrap_resolved(peer, addrs),
                 _ = stopped(&mut shutdown) => break,
             }

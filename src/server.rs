@@ -79,6 +79,7 @@ impl Server {
         });
         let mut event_loop =
             EventLoop::new(swarm, config.clone(), metrics, libp2p_metrics, snapshot_tx);
+        let heartbeat = event_loop.heartbeat();
 
         // QUIC: IPv4 first; IPv6 on the same port (the one IPv4 got, if 0 was asked).
         let mut quic_addrs = Vec::new();
@@ -121,7 +122,12 @@ impl Server {
 
         let registry = Arc::new(registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let app = api::router(snapshot.clone(), registry.clone());
+        let app = api::router(
+            snapshot.clone(),
+            registry.clone(),
+            heartbeat,
+            defaults::EVENT_LOOP_STALL,
+        );
         let permits = Arc::new(Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
         let http = listeners
             .into_iter()

@@ -2,8 +2,43 @@
 //! shared by the event loop, the HTTP API and the server handle, so none of them
 //! imports another.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::watch;
+
+/// When the event loop last went round, for `/healthz`: the loop beats on its own timer
+/// between events, so a loop wedged in one event stops beating.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    start: Instant,
+    /// Milliseconds after `start` of the last beat.
+    last: Arc<AtomicU64>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (since creation if there was none).
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
 
 /// What the HTTP API serves, published by the event loop.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -845,6 +845,57 @@ fn keygen_warns_about_a_key_others_can_read() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `WatchdogSec=` in the unit: systemd sets WATCHDOG_USEC and expects WATCHDOG=1 at
+/// least that often; the relay sends it from its event loop's own timer.
+#[test]
+fn the_systemd_watchdog_is_fed_from_the_event_loop() {
+    let dir = tempdir("watchdog");
+    let key = dir.join("k");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let messages = |limit: Duration| {
+        let mut got = Vec::new();
+        let end = Instant::now() + limit;
+        let mut buf = [0u8; 64];
+        while Instant::now() < end {
+            if let Ok(n) = notify.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    };
+    let sock = notify_path.to_str().unwrap();
+    let relay = Relay::start(
+        &dir,
+        &key,
+        &[("NOTIFY_SOCKET", sock), ("WATCHDOG_USEC", "400000")],
+    );
+    relay.banner_peer_id();
+    let got = messages(Duration::from_secs(2));
+    let pings = got.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(got.iter().any(|m| m == "READY=1"), "{got:?}");
+    assert!(pings >= 4, "WATCHDOG=1 every 0.2 s: {got:?}");
+    drop(relay);
+    // Meant for another process (WATCHDOG_PID): not sent.
+    let relay = Relay::start(
+        &dir,
+        &key,
+        &[
+            ("NOTIFY_SOCKET", sock),
+            ("WATCHDOG_USEC", "400000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+    );
+    relay.banner_peer_id();
+    let got = messages(Duration::from_secs(1));
+    assert!(!got.iter().any(|m| m == "WATCHDOG=1"), "{got:?}");
+    drop(relay);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn keygen_and_probe_with_stdout_closed_exit_with_an_error() {
     let dir = tempdir("closedstdout");
