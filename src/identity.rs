@@ -30,7 +30,7 @@ pub enum IdentityError {
     Read { path: PathBuf, source: io::Error },
     #[error("identity key {path} is a symbolic link to {target}, which does not exist")]
     DanglingSymlink { path: PathBuf, target: PathBuf },
-    #[error("identity key {path} is {kind}, not a regular file")]
+    #[error("cannot read identity key {path}: it is {kind}, not a regular file")]
     NotAFile { path: PathBuf, kind: &'static str },
     #[error(
         "identity key {path} is larger than {MAX_KEY_FILE_BYTES} bytes: not a key (refusing to overwrite it)"

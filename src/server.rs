@@ -87,9 +87,18 @@ impl Server {
         let port = listen_quic(&mut event_loop, v4).await?;
         quic_addrs.push(SocketAddr::new(v4.ip(), port));
         let v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
+        // With IPv6 disabled by sysctl, binding `::` still works but nothing can be
+        // sent or received there: that is a host without IPv6, not an error.
+        let v6_off = ipv6_disabled();
         match check_bind(v6, Type::DGRAM) {
             Err(e) if ipv6_missing(&e) => {
                 tracing::warn!("IPv6 unavailable ({e}); QUIC listens on IPv4 only");
+            }
+            _ if v6_off.is_some() => {
+                let why = v6_off.as_deref().unwrap_or_default();
+                tracing::warn!(
+                    "IPv6 is disabled on this host ({why}); QUIC and HTTP listen on IPv4 only"
+                );
             }
             _ => {
                 let port = listen_quic(&mut event_loop, v6).await?;
@@ -106,12 +115,14 @@ impl Server {
             .map(|a| a.port())
             .unwrap_or(config.http_port);
         listeners.push(l4);
-        match bind_tcp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), http_port)).await {
-            Ok(l6) => listeners.push(l6),
-            Err(SpawnError::BindHttp { source, .. }) if ipv6_missing(&source) => {
-                tracing::warn!("IPv6 unavailable ({source}); HTTP API listens on IPv4 only");
+        if v6_off.is_none() {
+            match bind_tcp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), http_port)).await {
+                Ok(l6) => listeners.push(l6),
+                Err(SpawnError::BindHttp { source, .. }) if ipv6_missing(&source) => {
+                    tracing::warn!("IPv6 unavailable ({source}); HTTP API listens on IPv4 only");
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
         let http_addrs = listeners
             .iter()
@@ -254,7 +265,7 @@ async fn listen_quic(event_loop: &mut EventLoop, addr: SocketAddr) -> Result<u16
     let bound = event_loop
         .listen(quic_multiaddr(addr))
         .await
-        .map_err(|e| err(io::Error::other(e.to_string())))?;
+        .map_err(|e| err(io::Error::other(error_chain(&e))))?;
     Ok(bound
         .iter()
         .find_map(|a| {
@@ -316,6 +327,44 @@ async fn bind_retrying<T>(mut bind: impl FnMut() -> io::Result<T>) -> io::Result
             other => return other,
         }
     }
+}
+
+/// An error with its causes, `a: b: c`; an error whose text is empty (some of
+/// libp2p's) is shown by its debug form, so a message never ends in nothing.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    if parts.is_empty() {
+        parts.push(format!("{e:?}"));
+    }
+    parts.join(": ")
+}
+
+/// Why IPv6 counts as off on this host, if it does: disabled by sysctl for all
+/// interfaces or for loopback (VPS images often set
+/// `net.ipv6.conf.all.disable_ipv6=1`), or no IPv6 in the kernel at all.
+fn ipv6_disabled() -> Option<String> {
+    for name in ["all", "lo"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "1" => {
+                return Some(format!("net.ipv6.conf.{name}.disable_ipv6=1"));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && name == "all" => {
+                return Some("no IPv6 in this kernel".into());
+            }
+            Err(_) => {}
+        }
+    }
+    None
 }
 
 /// The host has no IPv6 (module not loaded, disabled by sysctl, no address).

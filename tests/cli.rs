@@ -383,7 +383,11 @@ fn bad_identity_files_are_fatal_and_left_untouched() {
         "0",
     ]);
     assert_eq!(out.status.code(), Some(78));
-    assert!(text(&out.stderr).contains("cannot read identity key"));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot read identity key") && err.contains("a directory"),
+        "{err}"
+    );
     assert!(path.is_dir());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -893,6 +897,65 @@ fn the_systemd_watchdog_is_fed_from_the_event_loop() {
     let got = messages(Duration::from_secs(1));
     assert!(!got.iter().any(|m| m == "WATCHDOG=1"), "{got:?}");
     drop(relay);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A VPS image with `net.ipv6.conf.all.disable_ipv6=1`: binding `::` still works there,
+/// but nothing can be sent or received. The relay must warn and serve on IPv4 (before:
+/// it exited 1 with `cannot listen on UDP port N ([::]:N, QUIC): ` and no reason).
+/// Runs in a network namespace of its own (root; `PRIVSTACK_NAT_LAB=required` makes
+/// its absence a failure, as for the NAT lab).
+#[test]
+fn a_host_with_ipv6_disabled_serves_on_ipv4_with_a_warning() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root {
+        assert_ne!(
+            std::env::var("PRIVSTACK_NAT_LAB").as_deref(),
+            Ok("required"),
+            "needs root for a network namespace"
+        );
+        eprintln!("SKIPPED: needs root for a network namespace");
+        return;
+    }
+    let dir = tempdir("noipv6");
+    let key = dir.join("k");
+    let (quic, http) = (free_port(true), free_port(false));
+    let script = format!(
+        "ip link set lo up && sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+         net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1 || exit 99
+         {BIN} --port {quic} --http-port {http} --identity '{key}' 2>'{log}' & relay=$!
+         ok=1
+         for i in $(seq 100); do
+             if {BIN} probe --timeout 5 http://127.0.0.1:{http}; then ok=0; break; fi
+             kill -0 $relay 2>/dev/null || break
+             sleep 0.1
+         done
+         kill -TERM $relay; wait $relay; echo relay-exit=$?
+         exit $ok",
+        key = key.display(),
+        log = dir.join("relay.log").display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "probe inside the namespace:\n{stdout}{}\nrelay:\n{log}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("relay-exit=0"), "{stdout}");
+    assert!(
+        log.contains("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6=1)"),
+        "{log}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
