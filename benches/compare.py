@@ -137,6 +137,7 @@ class Relay:
         if kind == "privstack-relay":
             self.http = free_port(socket.SOCK_STREAM)
             cmd = [paths["relay"], "--port", str(self.port), "--http-port", str(self.http),
+                   "--metrics-address", "127.0.0.1:0",
                    "--identity", key, *extra]
             self.ready_url = f"http://127.0.0.1:{self.http}/api/v1/identity"
         else:

@@ -45,7 +45,7 @@ with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             [binary, "--port", str(free_port(socket.SOCK_DGRAM)), "--http-port", str(http),
-             "--identity", key],
+             "--metrics-address", "127.0.0.1:0", "--identity", key],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             msg = notify.recv(64)

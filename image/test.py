@@ -17,6 +17,7 @@ free ports on 127.0.0.1, and checks:
     is 0600 and owned by the service user; the root file system grew to the disk;
   - a listener started inside on a port the firewall does not open is reachable
     from inside and not from outside;
+  - /metrics answers on 127.0.0.1:4003 inside and is 404 on the public API port;
   - the boot partition holds privstack-relay.txt with the peer ID;
   - (x86_64-bios) a bad setting in relay.env leaves the unit failed with exit code 78,
     not restarting, the setting named in the journal; fixed, the relay starts again;
@@ -44,6 +45,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -336,6 +338,15 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         except OSError:
             reached = False
         check(not reached, f"port {CLOSED_PORT}/tcp is closed from outside by the firewall")
+        inside = m.ssh("python3 -c 'import urllib.request as u; "
+                       "print(u.urlopen(\"http://127.0.0.1:4003/metrics\", timeout=5).read().decode())'")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{m.http}/metrics", timeout=5).read()
+            public = 200
+        except urllib.error.HTTPError as e:
+            public = e.code
+        check("build_info{" in inside and public == 404,
+              f"/metrics on 127.0.0.1:4003 inside, 404 on the public API port ({public})")
 
         if spec.get("reboot", True):
             boot_id = m.ssh("cat /proc/sys/kernel/random/boot_id")

@@ -74,7 +74,8 @@ smoke() { # $1 = target, $2... = runner prefix
     dir="$WORK/smoke-$t"; mkdir -p "$dir"
     "$@" "$bin" --version | grep -q "target: $t" || fail "$t --version does not name its target"
     "$@" "$bin" --version | grep -q "allocator: jemalloc" || fail "$t --version does not name jemalloc"
-    "$@" "$bin" --port "$quic" --http-port "$http" --identity "$dir/key" >"$dir/out" 2>"$dir/err" &
+    "$@" "$bin" --port "$quic" --http-port "$http" --metrics-address 127.0.0.1:0 \
+        --identity "$dir/key" >"$dir/out" 2>"$dir/err" &
     pid=$!; PIDS+=("$pid")
     for _ in $(seq 1 600); do
         grep -q '^  PeerId: ' "$dir/out" && break

@@ -26,7 +26,6 @@ use crate::state::{Heartbeat, Snapshot, stopped};
 #[derive(Clone)]
 struct AppState {
     snapshot: watch::Receiver<Snapshot>,
-    registry: Arc<Registry>,
     heartbeat: Heartbeat,
     stall_after: std::time::Duration,
 }
@@ -50,14 +49,12 @@ struct ErrorBody<'a> {
 /// loop's `heartbeat` is older than `stall_after`.
 pub fn router(
     snapshot: watch::Receiver<Snapshot>,
-    registry: Arc<Registry>,
     heartbeat: Heartbeat,
     stall_after: std::time::Duration,
 ) -> Router {
     Router::new()
         .route("/api/v1/identity", get(identity))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestBodyLimitLayer::new(defaults::HTTP_MAX_BODY_BYTES))
@@ -67,7 +64,6 @@ pub fn router(
         ))
         .with_state(AppState {
             snapshot,
-            registry,
             heartbeat,
             stall_after,
         })
@@ -98,9 +94,23 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// The metrics endpoint's routes (`--metrics-address`): `/metrics` only.
+pub fn metrics_router(registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(RequestBodyLimitLayer::new(defaults::HTTP_MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            defaults::HTTP_REQUEST_TIMEOUT,
+        ))
+        .with_state(registry)
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
     let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
         tracing::error!("encoding metrics: {e}");
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
@@ -214,12 +224,7 @@ mod tests {
         });
         let heartbeat = Heartbeat::default();
         heartbeat.beat();
-        let app = router(
-            snapshot,
-            Arc::new(Registry::default()),
-            heartbeat.clone(),
-            Duration::from_millis(300),
-        );
+        let app = router(snapshot, heartbeat.clone(), Duration::from_millis(300));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/healthz", listener.local_addr().unwrap());
         let (stop, stop_rx) = watch::channel(false);

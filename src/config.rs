@@ -96,6 +96,16 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_IDENTITY", default_value = defaults::IDENTITY_FILE)]
     pub identity: PathBuf,
 
+    /// Address of the Prometheus /metrics endpoint, kept off the public API port:
+    /// IP:PORT, or `none` to serve no metrics.
+    #[arg(
+        long,
+        env = "PRIVSTACK_RELAY_METRICS_ADDRESS",
+        default_value = defaults::METRICS_ADDRESS,
+        value_parser = parse_metrics_address
+    )]
+    pub metrics_address: MetricsAddress,
+
     /// Debug-level logging (RUST_LOG overrides). As a variable: 1/0, true/false, yes/no, on/off.
     #[arg(short, long, env = "PRIVSTACK_RELAY_VERBOSE")]
     pub verbose: bool,
@@ -190,6 +200,20 @@ pub struct RunArgs {
     pub max_connections_per_peer: u32,
 }
 
+/// `--metrics-address`: where `/metrics` is served, or nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddress(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(MetricsAddress(None));
+    }
+    s.trim()
+        .parse()
+        .map(|a| MetricsAddress(Some(a)))
+        .map_err(|_| "expected IP:PORT (e.g. 127.0.0.1:4003 or [::1]:4003) or none".to_string())
+}
+
 impl Default for RunArgs {
     /// The defaults, whatever the process environment says.
     fn default() -> Self {
@@ -271,6 +295,11 @@ pub struct Config {
     pub max_connections: Option<u32>,
     pub max_connections_per_peer: Option<u32>,
     pub stats_log_interval: Duration,
+    /// Where `/metrics` is served (`None`: nowhere).
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// The operator chose the metrics address: if it is in use, that is an error. The
+    /// default one in use (a second relay on the host) only costs the metrics.
+    pub metrics_address_required: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +481,9 @@ impl TryFrom<&RunArgs> for Config {
             max_connections: unlimited_u32(a.max_connections),
             max_connections_per_peer: unlimited_u32(a.max_connections_per_peer),
             stats_log_interval: defaults::STATS_LOG_INTERVAL,
+            metrics_address: a.metrics_address.0,
+            metrics_address_required: a.metrics_address.0.map(|a| a.to_string()).as_deref()
+                != Some(defaults::METRICS_ADDRESS),
         })
     }
 }

@@ -193,3 +193,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// `/healthz` answers 503 when the event loop has not gone round for this long: ten
 /// missed beats, far beyond any single event's work on a healthy relay.
 pub const EVENT_LOOP_STALL: Duration = Duration::from_secs(10);
+
+/// Where `/metrics` is served: loopback only, a port of its own, so the firewall's open
+/// API port never shows the relay's internals to the world. Scrape it locally or put a
+/// reverse proxy / SSH tunnel in front.
+pub const METRICS_ADDRESS: &str = "127.0.0.1:4003";
+
+/// Connections the metrics endpoint serves at once: a scraper or two.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;

@@ -255,6 +255,9 @@ fn print_banner(server: &Server) {
     for addr in server.http_addrs() {
         let _ = writeln!(out, "  HTTP: {addr}");
     }
+    if let Some(addr) = server.metrics_addr() {
+        let _ = writeln!(out, "  Metrics: http://{addr}/metrics");
+    }
     for addr in server.addresses() {
         if !privstack_relay::addrs::is_unspecified(&addr) {
             let _ = writeln!(out, "  Address: {addr}/p2p/{peer_id}");

@@ -42,6 +42,19 @@ impl StoreMetrics {
 
 impl RelayMetrics {
     pub fn register(registry: &mut Registry) -> Self {
+        let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        build_info
+            .get_or_create(&vec![
+                ("version", crate::build_info::VERSION),
+                ("target", crate::build_info::TARGET),
+                ("revision", crate::build_info::GIT_REV),
+            ])
+            .set(1);
+        registry.register(
+            "build_info",
+            "The relay's version, target triple and git revision (always 1)",
+            build_info,
+        );
         let m = Self::default();
         registry.register(
             "peers_served",

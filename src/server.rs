@@ -28,6 +28,12 @@ pub enum SpawnError {
         port: u16,
         source: io::Error,
     },
+    #[error("cannot listen on TCP port {port} ({addr}, metrics; --metrics-address)")]
+    BindMetrics {
+        addr: SocketAddr,
+        port: u16,
+        source: io::Error,
+    },
     #[error("cannot listen on TCP port {port} ({addr}, HTTP API)")]
     BindHttp {
         addr: SocketAddr,
@@ -42,6 +48,7 @@ pub struct Server {
     peer_id: PeerId,
     quic_addrs: Vec<SocketAddr>,
     http_addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     snapshot: watch::Receiver<Snapshot>,
     registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
@@ -129,16 +136,35 @@ impl Server {
             .filter_map(|l| l.local_addr().ok())
             .collect();
 
+        // Metrics on their own address (loopback by default), never on the public port.
+        let metrics_listener = match config.metrics_address {
+            None => None,
+            Some(addr) if !config.metrics_address_required => match bind_tcp_once(addr) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(
+                        "metrics not served: cannot listen on {addr} ({e}); another relay on                          this host? set --metrics-address (or none)"
+                    );
+                    None
+                }
+            },
+            Some(addr) => Some(
+                bind_retrying(|| bind_tcp_once(addr))
+                    .await
+                    .map_err(|source| SpawnError::BindMetrics {
+                        addr,
+                        port: addr.port(),
+                        source,
+                    })?,
+            ),
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
         event_loop.start();
 
         let registry = Arc::new(registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let app = api::router(
-            snapshot.clone(),
-            registry.clone(),
-            heartbeat,
-            defaults::EVENT_LOOP_STALL,
-        );
+        let app = api::router(snapshot.clone(), heartbeat, defaults::EVENT_LOOP_STALL);
         let permits = Arc::new(Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
         let http = listeners
             .into_iter()
@@ -150,13 +176,23 @@ impl Server {
                     shutdown_rx.clone(),
                 ))
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut http = http;
+        if let Some(l) = metrics_listener {
+            http.push(tokio::spawn(api::serve(
+                l,
+                api::metrics_router(registry.clone()),
+                Arc::new(Semaphore::new(defaults::METRICS_MAX_CONNECTIONS)),
+                shutdown_rx.clone(),
+            )));
+        }
         let event_loop = tokio::spawn(event_loop.run(shutdown_rx));
 
         Ok(Server {
             peer_id,
             quic_addrs,
             http_addrs,
+            metrics_addr,
             snapshot,
             registry,
             shutdown,
@@ -177,6 +213,11 @@ impl Server {
     /// Bound HTTP sockets (IPv4 first).
     pub fn http_addrs(&self) -> &[SocketAddr] {
         &self.http_addrs
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// A loopback address clients in the same host can dial, with `/p2p/`.
@@ -290,16 +331,17 @@ fn check_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
     new_socket(addr, ty)?.bind(&addr.into())
 }
 
+fn bind_tcp_once(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = new_socket(addr, Type::STREAM)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SpawnError> {
-    let bind = || {
-        let socket = new_socket(addr, Type::STREAM)?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        TcpListener::from_std(socket.into())
-    };
-    bind_retrying(bind)
+    bind_retrying(|| bind_tcp_once(addr))
         .await
         .map_err(|source| SpawnError::BindHttp {
             addr,

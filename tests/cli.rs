@@ -83,6 +83,7 @@ impl Relay {
         let mut child = Command::new(BIN)
             .args(["--port", &quic_port.to_string()])
             .args(["--http-port", &http_port.to_string()])
+            .args(["--metrics-address", "127.0.0.1:0"])
             .arg("--identity")
             .arg(identity)
             .envs(envs.iter().copied())
@@ -758,7 +759,8 @@ fn a_relay_started_right_after_a_sigkill_binds_again() {
     let mut conns = Vec::new();
     for i in 0..200 {
         let mut child = Command::new(BIN)
-            .args(["--port", &quic, "--http-port", &http_s, "--identity"])
+            .args(["--port", &quic, "--http-port", &http_s])
+            .args(["--metrics-address", "none", "--identity"])
             .arg(&key)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -927,7 +929,7 @@ fn a_host_with_ipv6_disabled_serves_on_ipv4_with_a_warning() {
     let script = format!(
         "ip link set lo up && sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
          net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1 || exit 99
-         {BIN} --port {quic} --http-port {http} --identity '{key}' 2>'{log}' & relay=$!
+         {BIN} --port {quic} --http-port {http} --metrics-address none --identity '{key}' 2>'{log}' & relay=$!
          ok=1
          for i in $(seq 100); do
              if {BIN} probe --timeout 5 http://127.0.0.1:{http}; then ok=0; break; fi
@@ -956,6 +958,64 @@ fn a_host_with_ipv6_disabled_serves_on_ipv4_with_a_warning() {
         log.contains("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6=1)"),
         "{log}"
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn metrics_address_none_and_in_use() {
+    let dir = tempdir("metricsaddr");
+    let key = dir.join("k");
+    let key_s = key.to_str().unwrap();
+    // none: no metrics listener at all.
+    let mut relay = Command::new(BIN)
+        .args([
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-address",
+            "none",
+        ])
+        .args(["--identity", key_s])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = BufReader::new(relay.stdout.take().unwrap())
+        .lines()
+        .map(|l| l.unwrap())
+        .take_while(|l| !l.starts_with("  Address:"))
+        .take(8)
+        .collect();
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert!(
+        lines.iter().any(|l| l.starts_with("  PeerId: ")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("Metrics")), "{lines:?}");
+    // An address the operator chose that is taken: fatal, naming the port.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = run_env(
+        &["--port", "0", "--http-port", "0", "--identity", key_s],
+        &[(
+            "PRIVSTACK_RELAY_METRICS_ADDRESS",
+            &format!("127.0.0.1:{port}"),
+        )],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("TCP port {port}")) && err.contains("metrics"),
+        "{err}"
+    );
+    let out = run_env(
+        &["--metrics-address", "localhost", "--identity", key_s],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    assert!(text(&out.stderr).contains("--metrics-address"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

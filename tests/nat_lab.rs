@@ -39,7 +39,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, identify, kad};
 use privstack_relay::addrs::{self, Reach};
-use privstack_relay::config::RunArgs;
+use privstack_relay::config::{MetricsAddress, RunArgs};
 use privstack_relay::{Config, Server};
 use tokio::sync::oneshot;
 
@@ -297,6 +297,7 @@ impl Lab {
             let mut args = RunArgs {
                 port,
                 http_port: 0,
+                metrics_address: MetricsAddress(Some("127.0.0.1:0".parse().unwrap())),
                 ..RunArgs::default()
             };
             if external {

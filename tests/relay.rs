@@ -119,7 +119,24 @@ async fn http_errors_health_and_metrics() {
         assert_eq!(resp.status, 200);
     }
 
+    // Metrics live on their own (loopback) address, not on the public API port.
+    let public = client::request(
+        "GET",
+        &format!("{}/metrics", server.loopback_http_url()),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(public.status, 404, "no /metrics on the public port");
     let text = fetch_metrics(&server).await;
+    assert!(server.metrics_addr().unwrap().ip().is_loopback());
+    assert!(
+        text.contains(&format!(
+            "build_info{{version=\"{}\",target=\"",
+            env!("CARGO_PKG_VERSION")
+        )) && text.contains("revision=\""),
+        "build_info gauge:\n{text}"
+    );
     assert_eq!(metric(&text, "peers_served_total"), Some(0.0));
     assert_eq!(metric(&text, "relayed_connections_total"), Some(0.0));
     assert!(

@@ -14,7 +14,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, identify, kad, noise, ping, relay,
     yamux,
 };
-use privstack_relay::config::RunArgs;
+use privstack_relay::config::{MetricsAddress, RunArgs};
 use privstack_relay::{Config, Server};
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,6 +25,7 @@ pub async fn spawn_relay(tweak: impl FnOnce(&mut RunArgs)) -> Server {
     let mut args = RunArgs {
         port: 0,
         http_port: 0,
+        metrics_address: MetricsAddress(Some("127.0.0.1:0".parse().unwrap())),
         ..RunArgs::default()
     };
     tweak(&mut args);
@@ -522,7 +523,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 pub async fn fetch_metrics(server: &Server) -> String {
     let resp = privstack_relay::client::request(
         "GET",
-        &format!("{}/metrics", server.loopback_http_url()),
+        &format!(
+            "http://{}/metrics",
+            server.metrics_addr().expect("metrics are served")
+        ),
         WAIT,
     )
     .await
