@@ -191,6 +191,11 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_BYTES", default_value_t = defaults::MAX_CIRCUIT_BYTES)]
     pub max_circuit_bytes: u64,
 
+    /// Seconds open circuits get to end on SIGTERM, while the relay takes no new
+    /// reservations or circuits (0 = stop at once).
+    #[arg(long, env = "PRIVSTACK_RELAY_DRAIN_GRACE_SECS", default_value_t = defaults::DRAIN_GRACE_SECS)]
+    pub drain_grace_secs: u64,
+
     /// Established connections in total (0 = unlimited).
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: u32,
@@ -300,6 +305,8 @@ pub struct Config {
     /// The operator chose the metrics address: if it is in use, that is an error. The
     /// default one in use (a second relay on the host) only costs the metrics.
     pub metrics_address_required: bool,
+    /// How long SIGTERM waits for open circuits (zero: not at all).
+    pub drain_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -430,6 +437,13 @@ impl TryFrom<&RunArgs> for Config {
                 });
             }
         }
+        if a.drain_grace_secs > defaults::DRAIN_GRACE_MAX_SECS {
+            return Err(ConfigError::TooLarge {
+                flag: "drain-grace-secs",
+                value: a.drain_grace_secs,
+                max: defaults::DRAIN_GRACE_MAX_SECS,
+            });
+        }
         if a.reservation_duration_secs == 0 {
             return Err(ConfigError::Zero {
                 flag: "reservation-duration-secs",
@@ -482,6 +496,7 @@ impl TryFrom<&RunArgs> for Config {
             max_connections_per_peer: unlimited_u32(a.max_connections_per_peer),
             stats_log_interval: defaults::STATS_LOG_INTERVAL,
             metrics_address: a.metrics_address.0,
+            drain_grace: Duration::from_secs(a.drain_grace_secs),
             metrics_address_required: a.metrics_address.0.map(|a| a.to_string()).as_deref()
                 != Some(defaults::METRICS_ADDRESS),
         })

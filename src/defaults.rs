@@ -201,3 +201,12 @@ pub const METRICS_ADDRESS: &str = "127.0.0.1:4003";
 
 /// Connections the metrics endpoint serves at once: a scraper or two.
 pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// Seconds open circuits get on SIGTERM. Long enough for a sync in flight to finish,
+/// short enough for a restart during an upgrade; the unit's `TimeoutStopSec=` (30 s)
+/// covers it plus the 4 s shutdown.
+pub const DRAIN_GRACE_SECS: u64 = 20;
+
+/// The longest drain grace accepted: beyond the unit's `TimeoutStopSec=` systemd would
+/// kill the relay mid-drain anyway (raise both together).
+pub const DRAIN_GRACE_MAX_SECS: u64 = 3600;

@@ -179,8 +179,16 @@ impl EventLoop {
         }
     }
 
-    /// Run until `shutdown` fires; returns the final counters.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Stats {
+    /// Run until `shutdown` fires; returns the final counters. When `drain` fires, the
+    /// relay stops offering the hop protocol (no new reservations or circuits) and
+    /// from then on keeps `open_circuits` at the number of circuits still open.
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut drain: watch::Receiver<bool>,
+        open_circuits: watch::Sender<Option<i64>>,
+    ) -> Stats {
+        let mut draining = false;
         let mut stats_log = tokio::time::interval(self.config.stats_log_interval);
         stats_log.reset();
         let mut gauges = tokio::time::interval(Duration::from_secs(10));
@@ -207,6 +215,18 @@ impl EventLoop {
                 }
                 Some((peer, addrs)) = self.resolved_rx.recv() => self.bootstrap_resolved(peer, addrs),
                 _ = stopped(&mut shutdown) => break,
+                _ = stopped(&mut drain), if !draining => {
+                    draining = true;
+                    self.swarm.behaviour_mut().relay.set_status(Some(relay::Status::Disable));
+                    tracing::info!(
+                        circuits = self.metrics.circuits.get(),
+                        "draining: no new reservations or circuits"
+                    );
+                }
+            }
+            if draining {
+                let open = Some(self.metrics.circuits.get().max(0));
+                open_circuits.send_if_modified(|c| std::mem::replace(c, open) != open);
             }
         }
         let stats = self.stats();

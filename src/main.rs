@@ -194,6 +194,7 @@ fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
             "identity key is readable by other users; chmod 600 it"
         );
     }
+    let drain_grace = config.drain_grace;
     let rt = runtime()?;
     let code = rt.block_on(async {
         // Signal handlers first, so a SIGTERM during startup is not lost.
@@ -230,6 +231,20 @@ fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
         };
         tracing::info!("{signal} received, shutting down");
         let _ = notify::notify("STOPPING=1");
+        // Drain: no new reservations or circuits; open circuits get the grace to end.
+        // A second SIGTERM/SIGINT stops at once.
+        if !drain_grace.is_zero() {
+            tokio::select! {
+                left = server.drain(drain_grace) => if left > 0 {
+                    tracing::info!(
+                        "drain grace of {} s over; closing {left} open circuits",
+                        drain_grace.as_secs()
+                    );
+                },
+                _ = sigterm.recv() => tracing::info!("SIGTERM again: not waiting for circuits"),
+                _ = sigint.recv() => tracing::info!("SIGINT again: not waiting for circuits"),
+            }
+        }
         match tokio::time::timeout(Duration::from_secs(4), server.shutdown()).await {
             Ok(stats) => tracing::info!("final counters: {stats}"),
             Err(_) => tracing::warn!("shutdown took longer than 4 s; exiting anyway"),

@@ -52,6 +52,9 @@ pub struct Server {
     snapshot: watch::Receiver<Snapshot>,
     registry: Arc<Registry>,
     shutdown: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    /// While draining: circuits still open.
+    open_circuits: watch::Receiver<Option<i64>>,
     event_loop: Option<JoinHandle<Stats>>,
     http: Vec<JoinHandle<()>>,
 }
@@ -186,7 +189,9 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
-        let event_loop = tokio::spawn(event_loop.run(shutdown_rx));
+        let (drain, drain_rx) = watch::channel(false);
+        let (open_tx, open_circuits) = watch::channel(None);
+        let event_loop = tokio::spawn(event_loop.run(shutdown_rx, drain_rx, open_tx));
 
         Ok(Server {
             peer_id,
@@ -196,6 +201,8 @@ impl Server {
             snapshot,
             registry,
             shutdown,
+            drain,
+            open_circuits,
             event_loop: Some(event_loop),
             http,
         })
@@ -253,6 +260,15 @@ impl Server {
             }
             None => std::future::pending().await,
         }
+    }
+
+    /// Stop offering the relay (no new reservations or circuits) and wait until the
+    /// open circuits have ended, at most `grace`. Returns the circuits still open then.
+    pub async fn drain(&mut self, grace: std::time::Duration) -> i64 {
+        let _ = self.drain.send(true);
+        let mut open = self.open_circuits.clone();
+        let _ = tokio::time::timeout(grace, open.wait_for(|c| *c == Some(0))).await;
+        open.borrow().unwrap_or(0)
     }
 
     /// Stop accepting, let in-flight HTTP requests finish, close the swarm; returns the

@@ -370,6 +370,43 @@ async fn circuit_carries_64_mib_each_way() {
     server.shutdown().await;
 }
 
+/// SIGTERM drains (src/main.rs): no new reservations or circuits, open circuits get a
+/// bounded grace to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_refuses_new_reservations_and_waits_for_open_circuits() {
+    let mut server = spawn_relay(|_| {}).await;
+    let relay_addr = server.loopback_multiaddr();
+    let mut a = TestClient::new(None).await;
+    let mut b = TestClient::new(None).await;
+    a.reserve(&relay_addr).await.expect("reservation accepted");
+    b.dial_via_circuit(&relay_addr, a.peer_id).await;
+    wait_metric(&server, "relay_circuits", |v| v == 1.0).await;
+
+    let started = std::time::Instant::now();
+    let left = server.drain(Duration::from_millis(800)).await;
+    assert_eq!(
+        left, 1,
+        "the open circuit is still open when the grace ends"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(800));
+
+    let mut c = TestClient::new(None).await;
+    let refused = c.reserve(&relay_addr).await;
+    assert!(
+        refused.is_err(),
+        "a reservation while draining: {refused:?}"
+    );
+
+    drop(b);
+    let started = std::time::Instant::now();
+    assert_eq!(server.drain(Duration::from_secs(30)).await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the drain ends when the last circuit does"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_form_one_dht() {
     let r1 = spawn_relay(|_| {}).await;

@@ -71,6 +71,11 @@ impl Relay {
     }
 
     /// The client on `connection` sees the relay at `addr` (from its identify report).
+    /// Offer or stop offering the hop protocol (`None`: libp2p's automatic choice).
+    pub fn set_status(&mut self, status: Option<relay::Status>) {
+        self.inner.set_status(status);
+    }
+
     pub fn observed(&mut self, connection: ConnectionId, addr: &Multiaddr) {
         let Some(offer) = self.offers.get_mut(&connection) else {
             return;
