@@ -210,3 +210,7 @@ pub const DRAIN_GRACE_SECS: u64 = 20;
 /// The longest drain grace accepted: beyond the unit's `TimeoutStopSec=` systemd would
 /// kill the relay mid-drain anyway (raise both together).
 pub const DRAIN_GRACE_MAX_SECS: u64 = 3600;
+
+/// Log lines queued for stderr before new ones are dropped (and counted): a burst of a
+/// few seconds at debug level; a stderr nobody reads costs lines, never the relay.
+pub const LOG_QUEUE_LINES: usize = 4096;

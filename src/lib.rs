@@ -19,6 +19,7 @@ pub mod external;
 pub mod identity;
 pub mod kademlia;
 pub mod limits;
+pub mod logwriter;
 pub mod metrics;
 pub mod notify;
 pub mod offer;

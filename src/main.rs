@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use privstack_relay::config::{CheckConfigArgs, Command, KeygenArgs, ProbeArgs, RunArgs};
 use privstack_relay::identity::{self, KeySource};
+use privstack_relay::logwriter::NonBlocking;
 use privstack_relay::settings::{self, Parsed, exit};
-use privstack_relay::{Config, Server, notify, probe};
+use privstack_relay::{Config, Server, defaults, notify, probe};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -74,7 +75,9 @@ fn print_out(text: &str) -> anyhow::Result<()> {
 
 /// Log to stderr: `-v` is debug, `RUST_LOG` (`level` or `target=level,...`) overrides.
 /// `Targets` rather than `EnvFilter`: the same directives without a regex engine.
-fn init_logging(verbose: bool, quiet_level: &str) {
+/// Lines go through [`NonBlocking`]: a stderr nobody reads costs log lines, never the
+/// relay (the returned writer flushes what is queued at exit).
+fn init_logging(verbose: bool, quiet_level: &str) -> NonBlocking {
     let default: Targets = (if verbose { "debug" } else { quiet_level })
         .parse()
         .expect("valid default filter");
@@ -86,10 +89,11 @@ fn init_logging(verbose: bool, quiet_level: &str) {
         }),
         _ => default,
     };
+    let writer = NonBlocking::new(std::io::stderr(), defaults::LOG_QUEUE_LINES);
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(writer.clone())
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .with(filter)
@@ -97,6 +101,7 @@ fn init_logging(verbose: bool, quiet_level: &str) {
     if let Some(msg) = bad_rust_log {
         tracing::warn!("{msg}");
     }
+    writer
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -124,7 +129,7 @@ fn keygen(args: &KeygenArgs) -> Result<ExitCode, Fail> {
 }
 
 fn run_probe(args: &ProbeArgs) -> Result<ExitCode, Fail> {
-    init_logging(args.verbose, "warn");
+    let _log = init_logging(args.verbose, "warn");
     let rt = runtime()?;
     let timeout = Duration::from_secs(args.timeout.max(1));
     print_out(&format!("probe {}\n", args.target))?;
@@ -159,7 +164,13 @@ fn check_config(args: &CheckConfigArgs) -> Result<ExitCode, Fail> {
 
 fn run(parsed: &Parsed) -> Result<ExitCode, Fail> {
     let args: &RunArgs = &parsed.cli.run;
-    init_logging(args.verbose, "info");
+    let log = init_logging(args.verbose, "info");
+    let result = run_logged(parsed, args);
+    log.flush(Duration::from_secs(1));
+    result
+}
+
+fn run_logged(parsed: &Parsed, args: &RunArgs) -> Result<ExitCode, Fail> {
     for var in settings::unknown_process_variables() {
         tracing::warn!("{var} is not a privstack-relay setting; ignored");
     }

@@ -1019,6 +1019,84 @@ fn metrics_address_none_and_in_use() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A child process killed (and reaped) however the test ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// stderr a pipe nobody reads (a stuck journald or supervisor): before, QUIC stopped
+/// answering after ~64 KiB of logs and SIGTERM was ignored under -v.
+#[test]
+fn a_stderr_nobody_reads_never_blocks_the_relay() {
+    let dir = tempdir("stuckstderr");
+    let key = dir.join("k");
+    let (quic, http) = (free_port(true), free_port(false));
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "-v",
+                "--port",
+                &quic.to_string(),
+                "--http-port",
+                &http.to_string(),
+            ])
+            .args(["--metrics-address", "none", "--identity"])
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(writer)
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let peer = stdout
+        .lines()
+        .map(|l| l.unwrap())
+        .find_map(|l| l.strip_prefix("  PeerId: ").map(str::to_owned))
+        .expect("banner");
+    let addr = format!("/ip4/127.0.0.1/udp/{quic}/quic-v1/p2p/{peer}");
+    // Each probe makes the relay log a few KiB at debug level: far past the pipe's 64 KiB.
+    for i in 0..40 {
+        let out = Command::new(BIN)
+            .args(["probe", "--timeout", "5", &addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "probe {i} failed: {}",
+            text(&out.stderr)
+        );
+    }
+    let (status, _) = http_get(&format!("http://127.0.0.1:{http}/healthz"));
+    assert_eq!(status, 200);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGTERM ignored with a blocked stderr"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(reader);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn keygen_and_probe_with_stdout_closed_exit_with_an_error() {
     let dir = tempdir("closedstdout");
