@@ -24,6 +24,7 @@ use crate::addrs;
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::Config;
 use crate::defaults;
+use crate::denials::Denials;
 use crate::external::ObservedAddrs;
 use crate::metrics::{RelayMetrics, UniquePeers};
 use crate::notify;
@@ -50,6 +51,7 @@ pub struct EventLoop {
     resolved_tx: mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>)>,
     resolved_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
     heartbeat: Heartbeat,
+    denials: Denials,
 }
 
 impl EventLoop {
@@ -77,6 +79,7 @@ impl EventLoop {
             resolved_tx,
             resolved_rx,
             heartbeat: Heartbeat::default(),
+            denials: Denials::default(),
         }
     }
 
@@ -205,7 +208,12 @@ impl EventLoop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
                 _ = stats_log.tick() => tracing::info!("{}", self.stats()),
-                _ = gauges.tick() => self.update_gauges(),
+                _ = gauges.tick() => {
+                    self.update_gauges();
+                    if let Some(summary) = self.denials.take_summary() {
+                        tracing::info!("in the last {} s: {summary}", gauges.period().as_secs());
+                    }
+                }
                 _ = bootstrap.tick() => self.bootstrap(),
                 _ = heartbeat.tick() => {
                     self.heartbeat.beat();
@@ -510,7 +518,10 @@ impl EventLoop {
             relay::Event::ReservationReqDenied {
                 src_peer_id,
                 status,
-            } => tracing::info!(peer = %src_peer_id, ?status, "reservation denied"),
+            } => {
+                tracing::debug!(peer = %src_peer_id, ?status, "reservation denied");
+                self.denied("reservation", format!("{status:?}"), src_peer_id);
+            }
             relay::Event::ReservationTimedOut { src_peer_id } => {
                 tracing::debug!(peer = %src_peer_id, "reservation expired");
                 self.reservation_ended(src_peer_id, 1);
@@ -528,7 +539,8 @@ impl EventLoop {
                 dst_peer_id,
                 status,
             } => {
-                tracing::info!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit denied")
+                tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit denied");
+                self.denied("circuit", format!("{status:?}"), src_peer_id);
             }
             relay::Event::CircuitClosed {
                 src_peer_id,
@@ -543,6 +555,17 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    fn denied(&mut self, kind: &'static str, reason: String, peer: PeerId) {
+        self.metrics
+            .denied
+            .get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("reason", reason.clone()),
+            ])
+            .inc();
+        self.denials.record(kind, reason, peer);
     }
 
     /// libp2p's relay reports `ReservationClosed` for every closing connection, with

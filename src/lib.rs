@@ -13,6 +13,7 @@ pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod defaults;
+pub mod denials;
 pub mod envfile;
 pub mod event_loop;
 pub mod external;

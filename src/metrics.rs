@@ -24,6 +24,8 @@ pub struct RelayMetrics {
     pub kad_routing_peers: Gauge,
     pub kad_records: Gauge,
     pub kad_providers: Gauge,
+    /// Refused reservations and circuits by kind and reason.
+    pub denied: Family<Vec<(&'static str, String)>, Counter>,
     pub store: StoreMetrics,
 }
 
@@ -105,6 +107,11 @@ impl RelayMetrics {
             "relay_kad_purged",
             "Expired records and provider records removed from the store",
             m.store.purged.clone(),
+        );
+        registry.register(
+            "relay_denied",
+            "Reservations and circuits the relay refused, by kind (reservation, circuit) and reason",
+            m.denied.clone(),
         );
         m
     }

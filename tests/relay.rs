@@ -538,6 +538,13 @@ async fn relay_limits_come_from_the_flags() {
     a.reserve(&relay_addr).await.expect("first reservation");
     let denied = b.reserve(&relay_addr).await.unwrap_err();
     assert!(denied.contains("ResourceLimitExceeded"), "{denied}");
+    let text = fetch_metrics(&server).await;
+    assert!(
+        text.contains(
+            "relay_denied_total{kind=\"reservation\",reason=\"ResourceLimitExceeded\"} 1"
+        ),
+        "refusals are counted by kind and reason:\n{text}"
+    );
 
     // A circuit to A is cut once it has carried --max-circuit-bytes.
     let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
