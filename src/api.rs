@@ -52,9 +52,22 @@ pub fn router(
     heartbeat: Heartbeat,
     stall_after: std::time::Duration,
 ) -> Router {
-    Router::new()
-        .route("/api/v1/identity", get(identity))
-        .route("/healthz", get(healthz))
+    hardened(
+        Router::new()
+            .route("/api/v1/identity", get(identity))
+            .route("/healthz", get(healthz)),
+    )
+    .with_state(AppState {
+        snapshot,
+        heartbeat,
+        stall_after,
+    })
+}
+
+/// What every router of the relay answers besides its routes (404 and 405 as JSON)
+/// and the limits it serves them under (body size, request time).
+fn hardened<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestBodyLimitLayer::new(defaults::HTTP_MAX_BODY_BYTES))
@@ -62,11 +75,6 @@ pub fn router(
             StatusCode::REQUEST_TIMEOUT,
             defaults::HTTP_REQUEST_TIMEOUT,
         ))
-        .with_state(AppState {
-            snapshot,
-            heartbeat,
-            stall_after,
-        })
 }
 
 async fn identity(State(state): State<AppState>) -> Json<IdentityResponse> {
@@ -96,16 +104,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 /// The metrics endpoint's routes (`--metrics-address`): `/metrics` only.
 pub fn metrics_router(registry: Arc<Registry>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(RequestBodyLimitLayer::new(defaults::HTTP_MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            defaults::HTTP_REQUEST_TIMEOUT,
-        ))
-        .with_state(registry)
+    hardened(Router::new().route("/metrics", get(metrics))).with_state(registry)
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> Response {

@@ -100,25 +100,28 @@ impl Parser {
             value.truncate(at);
         }
         self.value_blank = None;
-        let raw = std::mem::take(&mut self.raw);
         if is_valid_name(&key) {
+            self.raw.clear();
             self.out.assignments.push(Assignment {
                 line: self.start,
                 key,
                 value,
             });
         } else {
-            self.out.ignored.push(Ignored {
-                line: self.start,
-                text: raw.trim().to_string(),
-            });
+            self.ignore();
         }
     }
 
+    /// A key without `=` before the line end: systemd skips the line.
     fn drop_key(&mut self) {
-        let raw = std::mem::take(&mut self.raw);
         self.key.clear();
         self.key_blank = None;
+        self.ignore();
+    }
+
+    /// Report the current entry as a line systemd skips.
+    fn ignore(&mut self) {
+        let raw = std::mem::take(&mut self.raw);
         self.out.ignored.push(Ignored {
             line: self.start,
             text: raw.trim().to_string(),

@@ -238,7 +238,7 @@ pub fn save_new(path: &Path, key: &Keypair) -> Result<(), IdentityError> {
             })();
             return result.map_err(write_err);
         }
-        // No O_TMPFILE on this file system (or kernel), or no /proc: a named file.
+        // No O_TMPFILE on this file system (or kernel): a named file.
         Err(e)
             if !matches!(
                 e.raw_os_error(),

@@ -140,27 +140,27 @@ impl Server {
             .collect();
 
         // Metrics on their own address (loopback by default), never on the public port.
-        let metrics_listener = match config.metrics_address {
-            None => None,
-            Some(addr) if !config.metrics_address_required => match bind_tcp_once(addr) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(
-                        "metrics not served: cannot listen on {addr} ({e}); another relay on                          this host? set --metrics-address (or none)"
-                    );
-                    None
-                }
-            },
-            Some(addr) => Some(
-                bind_retrying(|| bind_tcp_once(addr))
-                    .await
-                    .map_err(|source| SpawnError::BindMetrics {
+        let metrics_listener =
+            match config.metrics_address {
+                None => None,
+                Some(addr) if !config.metrics_address_required => match bind_tcp_once(addr) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(
+                            "metrics not served: cannot listen on {addr} ({e}); another relay on \
+                         this host? set --metrics-address (or none)"
+                        );
+                        None
+                    }
+                },
+                Some(addr) => Some(bind_retrying(|| bind_tcp_once(addr)).await.map_err(
+                    |source| SpawnError::BindMetrics {
                         addr,
                         port: addr.port(),
                         source,
-                    })?,
-            ),
-        };
+                    },
+                )?),
+            };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         event_loop.start();
@@ -169,7 +169,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = api::router(snapshot.clone(), heartbeat, defaults::EVENT_LOOP_STALL);
         let permits = Arc::new(Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
-        let http = listeners
+        let mut http: Vec<_> = listeners
             .into_iter()
             .map(|l| {
                 tokio::spawn(api::serve(
@@ -179,8 +179,7 @@ impl Server {
                     shutdown_rx.clone(),
                 ))
             })
-            .collect::<Vec<_>>();
-        let mut http = http;
+            .collect();
         if let Some(l) = metrics_listener {
             http.push(tokio::spawn(api::serve(
                 l,
