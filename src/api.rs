@@ -3,8 +3,10 @@
 //! The API never touches the swarm: it reads the event loop's published [`Snapshot`]
 //! and the shared metrics registry.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -144,29 +146,123 @@ async fn method_not_allowed(uri: Uri) -> Response {
         .into_response()
 }
 
-/// Serve `app` on `listener` until `shutdown` becomes true, then give in-flight
-/// requests [`defaults::SHUTDOWN_GRACE`] to finish.
+/// Connections of one HTTP server, counted per host so that no host can hold every slot.
 ///
-/// Hardened against slow and greedy clients: the request head must arrive within
-/// [`defaults::HTTP_HEADER_TIMEOUT`], at most [`defaults::HTTP_MAX_CONNECTIONS`] are
-/// served at once (shared by all listeners through `permits`), and request heads are
-/// capped at 16 KiB.
+/// A host is an IPv4 address or an IPv6 /64 (what one household or one VPS gets). The
+/// table has one entry per host with a connection open, so it is bounded by the
+/// server's connection cap.
+#[derive(Clone)]
+pub struct Slots {
+    permits: Arc<Semaphore>,
+    per_host: usize,
+    hosts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Slots {
+    /// `total` connections at once, at most `per_host` of them from one host.
+    pub fn new(total: usize, per_host: usize) -> Self {
+        Slots {
+            permits: Arc::new(Semaphore::new(total)),
+            per_host,
+            hosts: Arc::default(),
+        }
+    }
+
+    /// Count a connection from `ip`, or `None` if its host already has `per_host`.
+    fn take(&self, ip: IpAddr) -> Option<HostSlot> {
+        let host = host_of(ip);
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let open = hosts.entry(host).or_default();
+        if *open >= self.per_host {
+            return None;
+        }
+        *open += 1;
+        Some(HostSlot {
+            host,
+            hosts: self.hosts.clone(),
+        })
+    }
+}
+
+/// One connection's place in its host's count; given back on drop.
+struct HostSlot {
+    host: IpAddr,
+    hosts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = hosts.get_mut(&self.host) {
+            *open -= 1;
+            if *open == 0 {
+                hosts.remove(&self.host);
+            }
+        }
+    }
+}
+
+/// The host a connection counts against: the IPv4 address (also when it arrives
+/// IPv4-mapped on an IPv6 socket) or the IPv6 /64.
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
+}
+
+/// Sent to a connection over its host's share, before closing it: a client sees why
+/// instead of a bare reset.
+const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n\
+content-length: 39\r\nconnection: close\r\n\r\ntoo many connections from your address\n";
+
+/// An accept error that will not go away: the listening socket itself is gone (closed,
+/// or destroyed from outside, e.g. by `ss -K`). Everything else (no descriptors or
+/// memory left, a connection aborted before it was accepted) passes.
+fn listener_is_dead(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EBADF | libc::ENOTSOCK | libc::EOPNOTSUPP)
+    )
+}
+
+/// Serve `app` on `listener` until `shutdown` becomes true, then give in-flight
+/// requests [`defaults::SHUTDOWN_GRACE`] to finish. Returns an error only when the
+/// listening socket has died; the caller stops the relay then.
+///
+/// Hardened against slow, idle and greedy clients:
+/// - a connection that sends nothing within [`defaults::HTTP_FIRST_BYTE_TIMEOUT`] is
+///   closed, and a request head must be complete within
+///   [`defaults::HTTP_HEADER_TIMEOUT`] (also between keep-alive requests);
+/// - `slots` caps the connections served at once (more wait in the kernel's accept
+///   queue) and those of one host (more get a 429 and are closed at once), so a flood
+///   of idle connections from one host leaves room for everyone else;
+/// - request heads are capped at 16 KiB.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    let mut refused_logged = tokio::time::Instant::now() - defaults::STATS_LOG_INTERVAL;
+    let mut result = Ok(());
     loop {
         let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            permit = slots.permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
             _ = stopped(&mut shutdown) => break,
             Some(_) = connections.join_next() => continue,
         };
         let (stream, remote): (_, SocketAddr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
+                Err(e) if listener_is_dead(&e) => {
+                    result = Err(e);
+                    break;
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!("HTTP accept failed: {e}");
@@ -175,11 +271,37 @@ pub async fn serve(
                 }
             },
             _ = stopped(&mut shutdown) => break,
+            Some(_) = connections.join_next() => continue,
+        };
+        let Some(host_slot) = slots.take(remote.ip()) else {
+            let _ = stream.try_write(TOO_MANY);
+            if refused_logged.elapsed() >= defaults::STATS_LOG_INTERVAL {
+                refused_logged = tokio::time::Instant::now();
+                tracing::info!(
+                    host = %host_of(remote.ip()),
+                    "HTTP: refusing connections over {} per host (logged once per {} s)",
+                    slots.per_host,
+                    defaults::STATS_LOG_INTERVAL.as_secs()
+                );
+            }
+            continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let mut shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _permit = permit;
+            let _slots = (permit, host_slot);
+            // Nothing sent at all: a connection opened only to hold a slot.
+            match tokio::time::timeout(defaults::HTTP_FIRST_BYTE_TIMEOUT, stream.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, "HTTP connection: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "HTTP connection sent nothing; closed");
+                    return;
+                }
+            }
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(defaults::HTTP_HEADER_TIMEOUT)
@@ -206,6 +328,7 @@ pub async fn serve(
     {
         tracing::debug!("HTTP connections still open after the grace period; closing them");
     }
+    result
 }
 
 #[cfg(test)]
@@ -227,7 +350,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/healthz", listener.local_addr().unwrap());
         let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, app, Arc::new(Semaphore::new(8)), stop_rx));
+        let server = tokio::spawn(serve(listener, app, Slots::new(8, 8), stop_rx));
         let get = || crate::client::request("GET", &url, Duration::from_secs(5));
 
         assert_eq!(get().await.unwrap().status, 200);
@@ -238,6 +361,6 @@ mod tests {
         heartbeat.beat();
         assert_eq!(get().await.unwrap().status, 200);
         let _ = stop.send(true);
-        server.await.unwrap();
+        server.await.unwrap().unwrap();
     }
 }

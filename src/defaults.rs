@@ -170,8 +170,19 @@ pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP: time a request may take end to end.
 pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// HTTP: concurrent connections; more wait in the kernel's accept queue.
-pub const HTTP_MAX_CONNECTIONS: usize = 256;
+/// HTTP: time a new connection gets to send its first byte. Real clients send their
+/// request at once; a connection that sends nothing only holds a slot.
+pub const HTTP_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// HTTP: connections served at once; more wait in the kernel's accept queue. Each
+/// costs a descriptor and a few KiB; the unit's `LimitNOFILE=` is far above this.
+pub const HTTP_MAX_CONNECTIONS: usize = 512;
+
+/// HTTP: connections served at once from one host (an IPv4 address or an IPv6 /64);
+/// more are answered 429 and closed. Identity and health requests take milliseconds,
+/// so even a household or a CGNAT of devices behind one address rarely holds more
+/// than a few at once, and one host cannot take the slots of everyone else.
+pub const HTTP_MAX_CONNECTIONS_PER_HOST: usize = 32;
 
 /// HTTP: largest request body accepted. The API is GET-only, so anything bigger is
 /// rejected with 413 before it is read.

@@ -52,6 +52,20 @@ pub struct EventLoop {
     resolved_rx: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>)>,
     heartbeat: Heartbeat,
     denials: Denials,
+    /// Set when something the relay cannot run without has gone (a QUIC listener);
+    /// the loop ends with it.
+    fatal: Option<String>,
+    faults_tx: mpsc::UnboundedSender<Fault>,
+    faults_rx: mpsc::UnboundedReceiver<Fault>,
+}
+
+/// Faults a test can inject into a running loop, to check that the relay notices them
+/// as it would the real ones.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Close the first QUIC listener, as a dead socket would.
+    CloseQuicListener,
 }
 
 impl EventLoop {
@@ -64,6 +78,7 @@ impl EventLoop {
     ) -> Self {
         let routing = RoutingPolicy::new(config.bootstrap.iter().map(|(p, _)| *p));
         let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
+        let (faults_tx, faults_rx) = mpsc::unbounded_channel();
         Self {
             swarm,
             config,
@@ -80,11 +95,19 @@ impl EventLoop {
             resolved_rx,
             heartbeat: Heartbeat::default(),
             denials: Denials::default(),
+            fatal: None,
+            faults_tx,
+            faults_rx,
         }
     }
 
     pub fn peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
+    }
+
+    /// Where [`Fault`]s are sent.
+    pub(crate) fn faults(&self) -> mpsc::UnboundedSender<Fault> {
+        self.faults_tx.clone()
     }
 
     /// The loop's heartbeat, for `/healthz`.
@@ -185,12 +208,15 @@ impl EventLoop {
     /// Run until `shutdown` fires; returns the final counters. When `drain` fires, the
     /// relay stops offering the hop protocol (no new reservations or circuits) and
     /// from then on keeps `open_circuits` at the number of circuits still open.
+    ///
+    /// Ends early with the reason when a QUIC listener closes: a relay that cannot
+    /// accept connections must stop, so its supervisor (systemd) starts a new one.
     pub async fn run(
         mut self,
         mut shutdown: watch::Receiver<bool>,
         mut drain: watch::Receiver<bool>,
         open_circuits: watch::Sender<Option<i64>>,
-    ) -> Stats {
+    ) -> Result<Stats, String> {
         let mut draining = false;
         let mut stats_log = tokio::time::interval(self.config.stats_log_interval);
         stats_log.reset();
@@ -222,6 +248,7 @@ impl EventLoop {
                     }
                 }
                 Some((peer, addrs)) = self.resolved_rx.recv() => self.bootstrap_resolved(peer, addrs),
+                Some(fault) = self.faults_rx.recv() => self.inject(fault),
                 _ = stopped(&mut shutdown) => break,
                 _ = stopped(&mut drain), if !draining => {
                     draining = true;
@@ -232,6 +259,10 @@ impl EventLoop {
                     );
                 }
             }
+            if let Some(why) = self.fatal.take() {
+                tracing::error!("{why}; stopping ({})", self.stats());
+                return Err(why);
+            }
             if draining {
                 let open = Some(self.metrics.circuits.get().max(0));
                 open_circuits.send_if_modified(|c| std::mem::replace(c, open) != open);
@@ -239,7 +270,18 @@ impl EventLoop {
         }
         let stats = self.stats();
         tracing::info!("shutting down: {stats}");
-        stats
+        Ok(stats)
+    }
+
+    fn inject(&mut self, fault: Fault) {
+        tracing::warn!(?fault, "injecting a fault");
+        match fault {
+            Fault::CloseQuicListener => {
+                if let Some(id) = self.listen_requests.keys().next().copied() {
+                    self.swarm.remove_listener(id);
+                }
+            }
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -356,9 +398,29 @@ impl EventLoop {
                 addresses,
                 reason,
             } => {
-                match reason {
-                    Ok(()) => tracing::info!(?addresses, "listener closed"),
-                    Err(e) => tracing::error!(?addresses, "listener failed: {e}"),
+                if let Some(requested) = self.listen_requests.get(&listener_id) {
+                    let port = self.listeners.get(&listener_id).and_then(|a| {
+                        a.iter().flat_map(|a| a.iter()).find_map(|p| match p {
+                            Protocol::Udp(port) => Some(port),
+                            _ => None,
+                        })
+                    });
+                    let on: Multiaddr = requested
+                        .iter()
+                        .map(|p| match (p, port) {
+                            (Protocol::Udp(_), Some(port)) => Protocol::Udp(port),
+                            (p, _) => p,
+                        })
+                        .collect();
+                    self.fatal = Some(match &reason {
+                        Ok(()) => format!("QUIC listener on {on} closed"),
+                        Err(e) => format!("QUIC listener on {on} failed: {e}"),
+                    });
+                } else {
+                    match reason {
+                        Ok(()) => tracing::info!(?addresses, "listener closed"),
+                        Err(e) => tracing::error!(?addresses, "listener failed: {e}"),
+                    }
                 }
                 for a in self.listeners.remove(&listener_id).unwrap_or_default() {
                     self.swarm.remove_external_address(&a);

@@ -32,5 +32,5 @@ pub mod settings;
 pub mod state;
 
 pub use config::{Cli, Config};
-pub use server::{Server, SpawnError};
+pub use server::{Server, SpawnError, Stopped};
 pub use state::Stats;

@@ -234,8 +234,13 @@ fn run_logged(parsed: &Parsed, args: &RunArgs) -> Result<ExitCode, Fail> {
                 _ = sighup.recv() => "SIGHUP",
                 _ = sigusr1.recv() => "SIGUSR1",
                 _ = sigusr2.recv() => "SIGUSR2",
-                stats = server.join() => {
-                    anyhow::bail!("relay event loop stopped unexpectedly ({stats})");
+                stopped = server.join() => {
+                    // The supervisor: one task gone stops the rest, and the exit code
+                    // tells systemd to start a fresh relay.
+                    tracing::error!("{stopped}; stopping the relay");
+                    let _ = notify::notify("STOPPING=1");
+                    let _ = tokio::time::timeout(Duration::from_secs(4), server.shutdown()).await;
+                    anyhow::bail!("relay stopped: {stopped}");
                 }
             };
             tracing::info!("{ignored} received and ignored (SIGTERM stops the relay)");

@@ -1,5 +1,6 @@
 //! [`Server`]: the running relay (swarm event loop + HTTP API) behind one handle.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,12 +11,12 @@ use libp2p::{Multiaddr, PeerId, SwarmBuilder};
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{self, JoinSet};
 
 use crate::behaviour::Behaviour;
 use crate::config::Config;
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, Fault};
 use crate::metrics::RelayMetrics;
 use crate::state::{Snapshot, Stats};
 use crate::{api, defaults};
@@ -42,8 +43,30 @@ pub enum SpawnError {
     },
 }
 
-/// A running relay. Dropping it aborts its tasks; [`Server::shutdown`] stops it
-/// gracefully.
+/// Why a running relay stopped on its own: the task that ended first and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// `event loop`, `HTTP API on ADDR` or `metrics on ADDR`.
+    pub task: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.task, self.reason)
+    }
+}
+
+/// What one of the relay's tasks returns when it ends.
+enum TaskEnd {
+    EventLoop(Result<Stats, String>),
+    Listener(io::Result<()>),
+}
+
+/// A running relay: the swarm's event loop and the HTTP listeners, each a task under
+/// one supervisor ([`Server::join`]): none of them is meant to end while the relay runs,
+/// so the first that does stops the relay. Dropping it aborts its tasks;
+/// [`Server::shutdown`] stops it gracefully.
 pub struct Server {
     peer_id: PeerId,
     quic_addrs: Vec<SocketAddr>,
@@ -55,8 +78,9 @@ pub struct Server {
     drain: watch::Sender<bool>,
     /// While draining: circuits still open.
     open_circuits: watch::Receiver<Option<i64>>,
-    event_loop: Option<JoinHandle<Stats>>,
-    http: Vec<JoinHandle<()>>,
+    tasks: JoinSet<TaskEnd>,
+    names: HashMap<task::Id, String>,
+    faults: mpsc::UnboundedSender<Fault>,
 }
 
 impl Server {
@@ -90,6 +114,7 @@ impl Server {
         let mut event_loop =
             EventLoop::new(swarm, config.clone(), metrics, libp2p_metrics, snapshot_tx);
         let heartbeat = event_loop.heartbeat();
+        let faults = event_loop.faults();
 
         // QUIC: IPv4 first; IPv6 on the same port (the one IPv4 got, if 0 was asked).
         let mut quic_addrs = Vec::new();
@@ -168,29 +193,37 @@ impl Server {
         let registry = Arc::new(registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let app = api::router(snapshot.clone(), heartbeat, defaults::EVENT_LOOP_STALL);
-        let permits = Arc::new(Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
-        let mut http: Vec<_> = listeners
-            .into_iter()
-            .map(|l| {
-                tokio::spawn(api::serve(
-                    l,
-                    app.clone(),
-                    permits.clone(),
-                    shutdown_rx.clone(),
-                ))
-            })
-            .collect();
-        if let Some(l) = metrics_listener {
-            http.push(tokio::spawn(api::serve(
-                l,
-                api::metrics_router(registry.clone()),
-                Arc::new(Semaphore::new(defaults::METRICS_MAX_CONNECTIONS)),
-                shutdown_rx.clone(),
-            )));
+        let slots = api::Slots::new(
+            defaults::HTTP_MAX_CONNECTIONS,
+            defaults::HTTP_MAX_CONNECTIONS_PER_HOST,
+        );
+        let mut tasks = JoinSet::new();
+        let mut names = HashMap::new();
+        for l in listeners {
+            let name = match l.local_addr() {
+                Ok(addr) => format!("HTTP API on {addr}"),
+                Err(_) => "HTTP API".to_owned(),
+            };
+            let serve = api::serve(l, app.clone(), slots.clone(), shutdown_rx.clone());
+            let id = tasks.spawn(async { TaskEnd::Listener(serve.await) }).id();
+            names.insert(id, name);
+        }
+        if let (Some(l), Some(addr)) = (metrics_listener, metrics_addr) {
+            // Loopback by default: every scraper is one host, so it gets all the slots.
+            let slots = api::Slots::new(
+                defaults::METRICS_MAX_CONNECTIONS,
+                defaults::METRICS_MAX_CONNECTIONS,
+            );
+            let router = api::metrics_router(registry.clone());
+            let serve = api::serve(l, router, slots, shutdown_rx.clone());
+            let id = tasks.spawn(async { TaskEnd::Listener(serve.await) }).id();
+            names.insert(id, format!("metrics on {addr}"));
         }
         let (drain, drain_rx) = watch::channel(false);
         let (open_tx, open_circuits) = watch::channel(None);
-        let event_loop = tokio::spawn(event_loop.run(shutdown_rx, drain_rx, open_tx));
+        let run = event_loop.run(shutdown_rx, drain_rx, open_tx);
+        let id = tasks.spawn(async { TaskEnd::EventLoop(run.await) }).id();
+        names.insert(id, "event loop".to_owned());
 
         Ok(Server {
             peer_id,
@@ -202,8 +235,9 @@ impl Server {
             shutdown,
             drain,
             open_circuits,
-            event_loop: Some(event_loop),
-            http,
+            tasks,
+            names,
+            faults,
         })
     }
 
@@ -249,16 +283,41 @@ impl Server {
         &self.registry
     }
 
-    /// Resolves if the event loop ends on its own (it only should on shutdown).
-    pub async fn join(&mut self) -> Stats {
-        match self.event_loop.as_mut() {
-            Some(handle) => {
-                let stats = handle.await.unwrap_or_default();
-                self.event_loop = None;
-                stats
+    /// The supervisor: resolves when the first of the relay's tasks ends (none should
+    /// while it runs), naming it and why. The others keep running until
+    /// [`Server::shutdown`].
+    pub async fn join(&mut self) -> Stopped {
+        let Some(ended) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, reason) = match ended {
+            Ok((id, TaskEnd::EventLoop(Ok(stats)))) => (id, format!("ended ({stats})")),
+            Ok((id, TaskEnd::EventLoop(Err(why)))) => (id, why),
+            Ok((id, TaskEnd::Listener(Ok(())))) => (id, "ended".to_owned()),
+            Ok((id, TaskEnd::Listener(Err(e)))) => {
+                (id, format!("listening socket gone (accept: {e})"))
             }
-            None => std::future::pending().await,
-        }
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let panic = e.into_panic();
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                (id, format!("panicked: {text}"))
+            }
+            Err(e) => (e.id(), "was cancelled".to_owned()),
+        };
+        let task = self.names.remove(&id).unwrap_or_else(|| "task".to_owned());
+        Stopped { task, reason }
+    }
+
+    /// Inject a fault into the running relay (tests only: they check that the relay
+    /// notices it as it would the real one).
+    #[doc(hidden)]
+    pub fn inject(&self, fault: Fault) {
+        let _ = self.faults.send(fault);
     }
 
     /// Stop offering the relay (no new reservations or circuits) and wait until the
@@ -271,28 +330,16 @@ impl Server {
     }
 
     /// Stop accepting, let in-flight HTTP requests finish, close the swarm; returns the
-    /// final counters.
+    /// final counters (empty if the event loop has already ended).
     pub async fn shutdown(mut self) -> Stats {
         let _ = self.shutdown.send(true);
-        let stats = match self.event_loop.take() {
-            Some(h) => h.await.unwrap_or_default(),
-            None => Stats::default(),
-        };
-        for h in self.http.drain(..) {
-            let _ = h.await;
+        let mut stats = Stats::default();
+        while let Some(ended) = self.tasks.join_next().await {
+            if let Ok(TaskEnd::EventLoop(Ok(s))) = ended {
+                stats = s;
+            }
         }
         stats
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(h) = &self.event_loop {
-            h.abort();
-        }
-        for h in &self.http {
-            h.abort();
-        }
     }
 }
 

@@ -1173,3 +1173,80 @@ fn sighup_and_sigusr1_are_logged_and_ignored_and_sigquit_stops() {
     drop(relay);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Whether this kernel lets `ss -K` destroy a listening TCP socket (needs
+/// CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN), tried on a socket of the test's own.
+fn ss_can_destroy_listeners() -> bool {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    let ok = Command::new("ss")
+        .args(["-K", "-t", "-l", &format!("sport = :{port}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    probe.set_nonblocking(true).unwrap();
+    ok && probe
+        .accept()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL))
+}
+
+/// The supervisor: a listening socket destroyed from outside (`ss -K`, as a faulty
+/// firewall tool or an operator's mistake would) stops the whole relay with exit 1,
+/// naming the listener. Before, the HTTP API logged "accept failed" ten times a second
+/// forever while the process looked healthy to systemd.
+#[test]
+fn a_dead_http_or_metrics_listener_stops_the_relay_naming_it() {
+    if !ss_can_destroy_listeners() {
+        eprintln!("SKIP: this kernel cannot destroy sockets with `ss -K`");
+        return;
+    }
+    let dir = tempdir("deadlistener");
+    let key = dir.join("k");
+    for (which, banner) in [("HTTP API", "  HTTP: "), ("metrics", "  Metrics: http://")] {
+        let log = dir.join(format!("{which}.log"));
+        let mut relay = KillOnDrop(
+            Command::new(BIN)
+                .args(["--port", "0", "--http-port", "0"])
+                .args(["--metrics-address", "127.0.0.1:0", "--identity"])
+                .arg(&key)
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let addr: String = BufReader::new(relay.0.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix(banner)
+                    .map(|a| a.trim_end_matches("/metrics").to_owned())
+            })
+            .expect("the banner lists the listener");
+        let port = addr.rsplit(':').next().unwrap();
+        let killed = Command::new("ss")
+            .args(["-K", "-t", "-l", &format!("sport = :{port}")])
+            .output()
+            .unwrap();
+        assert!(killed.status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = relay.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay still running without its {which} listener"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!(
+                "error: relay stopped: {which} on {addr}: listening socket gone"
+            )),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

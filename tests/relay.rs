@@ -573,3 +573,90 @@ async fn relay_limits_come_from_the_flags() {
     writer.abort();
     server.shutdown().await;
 }
+
+/// 400 connections from one host (127.0.0.2) that send nothing, the way a slowloris
+/// or a port scanner holds an API: honest requests from another host (127.0.0.1) are
+/// answered at once (before, the flood held every slot and they waited for its 10 s
+/// header timeout), the flood beyond its host's share gets a 429 at once, and its
+/// share is closed after the first-byte timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_flood_from_one_host_leaves_the_api_to_everyone_else() {
+    use privstack_relay::defaults;
+    use tokio::io::AsyncReadExt as _;
+    let server = spawn_relay(|_| {}).await;
+    let api: std::net::SocketAddr = (Ipv4Addr::LOCALHOST, server.http_addrs()[0].port()).into();
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        flood.push(socket.connect(api).await.unwrap());
+    }
+    let url = format!("{}/healthz", server.loopback_http_url());
+    for i in 0..20 {
+        let answer = client::request("GET", &url, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|e| panic!("honest request {i} during the flood: {e}"));
+        assert_eq!(answer.status, 200);
+    }
+    // What each flood connection sees: a 429 and the end, or nothing yet (held).
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for mut conn in flood {
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_millis(200), conn.read_to_end(&mut buf)).await {
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&buf);
+                assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+                refused += 1;
+            }
+            Err(_) => held.push(conn),
+        }
+    }
+    assert!(
+        held.len() <= defaults::HTTP_MAX_CONNECTIONS_PER_HOST,
+        "{} flood connections held, {refused} refused",
+        held.len()
+    );
+    assert_eq!(refused + held.len(), 400);
+    // The held ones sent nothing: closed by the relay, without an answer.
+    for mut conn in held {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(
+            defaults::HTTP_FIRST_BYTE_TIMEOUT + Duration::from_secs(5),
+            conn.read_to_end(&mut buf),
+        )
+        .await
+        .expect("an idle connection is closed after the first-byte timeout");
+        assert!(closed.is_err() || buf.is_empty(), "{buf:?}");
+    }
+    // And the host's share is free again.
+    let answer = client::request("GET", &url, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    server.shutdown().await;
+}
+
+/// The supervisor: a QUIC listener that closes ends the relay, naming it (before, the
+/// relay went on answering 503 on /healthz forever while systemd saw it running).
+#[tokio::test]
+async fn a_closed_quic_listener_stops_the_relay_naming_it() {
+    let mut server = spawn_relay(|_| {}).await;
+    let port = server.quic_addrs()[0].port();
+    server.inject(privstack_relay::event_loop::Fault::CloseQuicListener);
+    let stopped = tokio::time::timeout(WAIT, server.join())
+        .await
+        .expect("the relay notices its closed listener");
+    assert_eq!(stopped.task, "event loop", "{stopped}");
+    assert!(
+        stopped.reason.starts_with("QUIC listener on /ip")
+            && stopped
+                .reason
+                .ends_with(&format!("/udp/{port}/quic-v1 closed")),
+        "{stopped}"
+    );
+    // The other tasks stop when asked.
+    tokio::time::timeout(WAIT, server.shutdown())
+        .await
+        .expect("the rest of the relay stops");
+}
