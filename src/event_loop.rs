@@ -7,7 +7,7 @@
 //! Nothing else touches the swarm: the HTTP side reads [`Snapshot`]s published on a
 //! watch channel and the shared metrics registry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -41,6 +41,9 @@ pub struct EventLoop {
     routing: RoutingPolicy,
     /// Active reservations per peer.
     reservations: HashMap<PeerId, u32>,
+    /// When each open circuit opened, per (source, destination); entries go when
+    /// their circuits close, so this is bounded by `--max-circuits`.
+    circuits_opened: HashMap<(PeerId, PeerId), VecDeque<Instant>>,
     /// Concrete addresses per QUIC listener.
     listeners: HashMap<ListenerId, Vec<Multiaddr>>,
     /// Wildcard addresses we asked to listen on, per listener.
@@ -87,6 +90,7 @@ impl EventLoop {
             unique_peers: UniquePeers::default(),
             routing,
             reservations: HashMap::new(),
+            circuits_opened: HashMap::new(),
             listeners: HashMap::new(),
             listen_requests: HashMap::new(),
             observed: ObservedAddrs::default(),
@@ -460,7 +464,8 @@ impl EventLoop {
                 self.metrics.connections.dec();
                 tracing::debug!(%peer_id, ?cause, "connection closed");
                 if num_established == 0 {
-                    self.reservation_ended(peer_id, u32::MAX);
+                    let ended = self.reservation_ended(peer_id, u32::MAX);
+                    self.metrics.reservation_event("closed", ended.into());
                 }
                 let actions = self
                     .routing
@@ -572,9 +577,12 @@ impl EventLoop {
                 renewed,
             } => {
                 tracing::debug!(peer = %src_peer_id, renewed, "reservation accepted");
-                if !renewed {
+                if renewed {
+                    self.metrics.reservation_event("renewed", 1);
+                } else {
                     *self.reservations.entry(src_peer_id).or_default() += 1;
                     self.metrics.reservations.inc();
+                    self.metrics.reservation_event("opened", 1);
                 }
             }
             relay::Event::ReservationReqDenied {
@@ -586,7 +594,8 @@ impl EventLoop {
             }
             relay::Event::ReservationTimedOut { src_peer_id } => {
                 tracing::debug!(peer = %src_peer_id, "reservation expired");
-                self.reservation_ended(src_peer_id, 1);
+                let ended = self.reservation_ended(src_peer_id, 1);
+                self.metrics.reservation_event("expired", ended.into());
             }
             relay::Event::CircuitReqAccepted {
                 src_peer_id,
@@ -595,6 +604,10 @@ impl EventLoop {
                 tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
                 self.metrics.relayed_connections.inc();
                 self.metrics.circuits.inc();
+                self.circuits_opened
+                    .entry((src_peer_id, dst_peer_id))
+                    .or_default()
+                    .push_back(Instant::now());
             }
             relay::Event::CircuitReqDenied {
                 src_peer_id,
@@ -611,6 +624,17 @@ impl EventLoop {
             } => {
                 tracing::debug!(src = %src_peer_id, dst = %dst_peer_id, ?error, "circuit closed");
                 self.metrics.circuits.dec();
+                // Circuits between one pair end in the order they opened, near enough.
+                let pair = (src_peer_id, dst_peer_id);
+                if let Some(opened) = self.circuits_opened.get_mut(&pair) {
+                    if let Some(at) = opened.pop_front() {
+                        let secs = at.elapsed().as_secs_f64();
+                        self.metrics.circuit_duration.observe(secs);
+                    }
+                    if opened.is_empty() {
+                        self.circuits_opened.remove(&pair);
+                    }
+                }
             }
             relay::Event::StatusChanged { status } => {
                 tracing::info!(?status, "relay protocol advertisement")
@@ -633,15 +657,18 @@ impl EventLoop {
     /// libp2p's relay reports `ReservationClosed` for every closing connection, with
     /// or without a reservation, and without saying which; so reservations are counted
     /// per peer and released when they expire or the peer's last connection closes.
-    fn reservation_ended(&mut self, peer: PeerId, n: u32) {
-        if let Some(count) = self.reservations.get_mut(&peer) {
-            let n = n.min(*count);
-            *count -= n;
-            self.metrics.reservations.dec_by(i64::from(n));
-            if *count == 0 {
-                self.reservations.remove(&peer);
-            }
+    /// Returns how many were released.
+    fn reservation_ended(&mut self, peer: PeerId, n: u32) -> u32 {
+        let Some(count) = self.reservations.get_mut(&peer) else {
+            return 0;
+        };
+        let n = n.min(*count);
+        *count -= n;
+        self.metrics.reservations.dec_by(i64::from(n));
+        if *count == 0 {
+            self.reservations.remove(&peer);
         }
+        n
     }
 
     /// Publish the addresses the API lists.

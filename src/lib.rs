@@ -10,6 +10,7 @@ pub mod addrs;
 pub mod api;
 pub mod behaviour;
 pub mod build_info;
+pub mod circuit_bytes;
 pub mod client;
 pub mod config;
 pub mod defaults;

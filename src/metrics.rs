@@ -7,12 +7,14 @@ use libp2p::PeerId;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::circuit_bytes::CircuitBytes;
 use crate::defaults;
 
 /// The relay's own metrics; libp2p's are registered beside them in the same registry.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RelayMetrics {
     /// Unique peers that have connected (SPEC `peers_served`).
     pub peers_served: Counter,
@@ -26,8 +28,20 @@ pub struct RelayMetrics {
     pub kad_providers: Gauge,
     /// Refused reservations and circuits by kind and reason.
     pub denied: Family<Vec<(&'static str, String)>, Counter>,
+    /// Reservation events: opened, renewed, expired, closed (the peer went away).
+    pub reservation_events: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Bytes through circuits, counted on the relay's connections.
+    pub circuit_bytes: CircuitBytes,
+    /// How long circuits stayed open.
+    pub circuit_duration: Histogram,
     pub store: StoreMetrics,
 }
+
+/// Buckets of `relay_circuit_duration_seconds`: from a probe's instant exchange to the
+/// longest circuit `--max-circuit-duration-secs` allows by default (an hour).
+const CIRCUIT_DURATION_BUCKETS: [f64; 10] = [
+    0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+];
 
 /// What the record store refused (by reason) and purged; counted by the store itself.
 #[derive(Clone, Default, Debug)]
@@ -43,6 +57,13 @@ impl StoreMetrics {
 }
 
 impl RelayMetrics {
+    /// Count one reservation event (`opened`, `renewed`, `expired`, `closed`).
+    pub fn reservation_event(&self, event: &'static str, n: u64) {
+        self.reservation_events
+            .get_or_create(&vec![("event", event)])
+            .inc_by(n);
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         build_info
@@ -57,7 +78,53 @@ impl RelayMetrics {
             "The relay's version, target triple and git revision (always 1)",
             build_info,
         );
-        let m = Self::default();
+        let circuit_bytes_family = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        // One statement each: a family's read guard lives to the end of its statement,
+        // and creating the second label set needs the write lock.
+        let to_destination = circuit_bytes_family
+            .get_or_create(&vec![("direction", "to_destination")])
+            .clone();
+        let from_destination = circuit_bytes_family
+            .get_or_create(&vec![("direction", "from_destination")])
+            .clone();
+        let circuit_bytes = CircuitBytes {
+            to_destination,
+            from_destination,
+        };
+        let reservation_events = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        for event in ["opened", "renewed", "expired", "closed"] {
+            let _ = reservation_events.get_or_create(&vec![("event", event)]);
+        }
+        let m = Self {
+            peers_served: Counter::default(),
+            relayed_connections: Counter::default(),
+            reservations: Gauge::default(),
+            circuits: Gauge::default(),
+            connections: Gauge::default(),
+            kad_routing_peers: Gauge::default(),
+            kad_records: Gauge::default(),
+            kad_providers: Gauge::default(),
+            denied: Family::default(),
+            reservation_events,
+            circuit_bytes,
+            circuit_duration: Histogram::new(CIRCUIT_DURATION_BUCKETS),
+            store: StoreMetrics::default(),
+        };
+        registry.register(
+            "relay_reservation_events",
+            "Reservations opened, renewed, expired, and closed because the peer's last connection closed",
+            m.reservation_events.clone(),
+        );
+        registry.register(
+            "relay_circuit_bytes",
+            "Bytes relayed through circuits, by direction (to_destination: sent by circuit sources; from_destination: sent back), including each circuit's few dozen bytes of setup",
+            circuit_bytes_family,
+        );
+        registry.register(
+            "relay_circuit_duration_seconds",
+            "How long closed circuits stayed open",
+            m.circuit_duration.clone(),
+        );
         registry.register(
             "peers_served",
             "Unique peers that have connected since start",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId, SwarmBuilder};
+use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport};
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{self, JoinSet};
 
 use crate::behaviour::Behaviour;
+use crate::circuit_bytes::Counting;
 use crate::config::Config;
 use crate::event_loop::{EventLoop, Fault};
 use crate::metrics::RelayMetrics;
@@ -93,10 +94,15 @@ impl Server {
 
         let swarm = SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()
-            .with_quic_config(|mut c| {
+            .with_other_transport(|key| {
+                let mut c = libp2p::quic::Config::new(key);
                 c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
-                c
+                let bytes = metrics.circuit_bytes.clone();
+                libp2p::quic::tokio::Transport::new(c).map(move |(peer, connection), _| {
+                    (peer, Counting::new(connection, bytes.clone()))
+                })
             })
+            .unwrap_or_else(|never| match never {})
             .with_bandwidth_metrics(&mut registry)
             .with_behaviour(|key| Behaviour::new(key, &config, metrics.store.clone()))
             .unwrap_or_else(|never| match never {})

@@ -363,10 +363,42 @@ async fn circuit_carries_64_mib_each_way() {
     let text = fetch_metrics(&server).await;
     assert_eq!(metric(&text, "relayed_connections_total"), Some(1.0));
     assert_eq!(metric(&text, "relay_circuits"), Some(1.0));
+    let events = |text: &str, event: &str| {
+        metric(
+            text,
+            &format!("relay_reservation_events_total{{event=\"{event}\"}}"),
+        )
+    };
+    assert_eq!(events(&text, "opened"), Some(1.0), "{text}");
+    assert_eq!(events(&text, "closed"), Some(0.0), "{text}");
+    // Each way: the payload plus the end-to-end noise and yamux framing inside the
+    // circuit (a few percent), nothing of other streams.
+    for direction in ["to_destination", "from_destination"] {
+        let name = format!("relay_circuit_bytes_total{{direction=\"{direction}\"}}");
+        let bytes = metric(&text, &name).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        assert!(
+            bytes >= SIZE as f64 && bytes < SIZE as f64 * 1.05,
+            "{name} = {bytes} for {SIZE} bytes"
+        );
+    }
+    assert_eq!(
+        metric(&text, "relay_circuit_duration_seconds_count"),
+        Some(0.0)
+    );
     drop(b);
     wait_metric(&server, "relay_circuits", |v| v == 0.0).await;
+    let text = fetch_metrics(&server).await;
+    assert_eq!(
+        metric(&text, "relay_circuit_duration_seconds_count"),
+        Some(1.0)
+    );
+    let took = metric(&text, "relay_circuit_duration_seconds_sum").unwrap();
+    assert!(took > 0.0 && took < WAIT.as_secs_f64() * 2.0, "{took}");
     drop(a);
     wait_metric(&server, "relay_reservations", |v| v == 0.0).await;
+    let text = fetch_metrics(&server).await;
+    assert_eq!(events(&text, "closed"), Some(1.0), "{text}");
+    assert_eq!(events(&text, "expired"), Some(0.0), "{text}");
     server.shutdown().await;
 }
 
@@ -659,4 +691,23 @@ async fn a_closed_quic_listener_stops_the_relay_naming_it() {
     tokio::time::timeout(WAIT, server.shutdown())
         .await
         .expect("the rest of the relay stops");
+}
+
+/// Reservations renewed by their clients are counted as renewals, not as new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_reservations_are_counted_as_renewals() {
+    // The client renews after three quarters of the reservation's lifetime: 3 s here.
+    let server = spawn_relay(|a| a.reservation_duration_secs = 4).await;
+    let mut a = TestClient::new(None).await;
+    a.reserve(&server.loopback_multiaddr())
+        .await
+        .expect("reservation accepted");
+    let renewed = r#"relay_reservation_events_total{event="renewed"}"#;
+    wait_metric(&server, renewed, |v| v >= 1.0).await;
+    let text = fetch_metrics(&server).await;
+    let opened = r#"relay_reservation_events_total{event="opened"}"#;
+    assert_eq!(metric(&text, opened), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "relay_reservations"), Some(1.0), "{text}");
+    drop(a);
+    server.shutdown().await;
 }
