@@ -138,7 +138,7 @@ class Relay:
             self.http = free_port(socket.SOCK_STREAM)
             cmd = [paths["relay"], "--port", str(self.port), "--http-port", str(self.http),
                    "--metrics-address", "127.0.0.1:0",
-                   "--identity", key, *extra]
+                   "--identity", key, *caps_off(extra), *extra]
             self.ready_url = f"http://127.0.0.1:{self.http}/api/v1/identity"
         else:
             with open(key, "rb") as f:
@@ -174,6 +174,17 @@ class Relay:
 
 # ----- scenarios -----------------------------------------------------------------------
 
+# The load generator's clients share a few loopback /24s, which no real fleet does: the
+# relay's per-host and per-network caps are lifted so they do not decide the figures.
+HOST_CAPS_OFF = ["--max-connections-per-host", "0", "--max-connections-per-network", "0",
+                 "--max-reservations-per-host", "0", "--max-reservations-per-network", "0"]
+
+
+def caps_off(extra):
+    """HOST_CAPS_OFF without the flags `extra` sets itself."""
+    pairs = zip(HOST_CAPS_OFF[::2], HOST_CAPS_OFF[1::2])
+    return [x for flag, value in pairs if flag not in extra for x in (flag, value)]
+
 # (name, load generator arguments, extra flags for privstack-relay, libp2p-server: True to
 #  run it, or the reason it cannot)
 FULL = [
@@ -188,14 +199,22 @@ FULL = [
     ("circuits-500", ["circuits", "--clients", "500", "--concurrency", "500",
                       "--payload", str(64 * 1024)], [],
      "128 reservations, 16 circuits at once"),
-    ("bulk", ["bulk", "--mib", "1024"], ["--max-circuit-bytes", "0"],
+    ("bulk", ["bulk", "--mib", "1024"], ["--max-circuit-rate", "0", "--max-relay-rate", "0"],
      "circuits end after 128 KiB"),
+    # The same with the default rates (8 MiB/s per circuit direction, 32 MiB/s in all).
+    ("bulk-shaped", ["bulk", "--mib", "256"], [], "circuits end after 128 KiB"),
     # 500 records per client measure the store, not a PrivStack device (one or two per
     # sync group): the per-peer quota is lifted for it.
     ("dht", ["dht", "--clients", "100", "--records", "500", "--gets", "50"],
      ["--kad-max-records-per-peer", "0"], True),
     ("churn", ["churn", "--concurrency", "32", "--rounds", "3", "--seconds", "10", "--settle", "60"],
      [], True),
+    # One host floods reservations while honest hosts reserve: the relay's real per-host
+    # caps, not HOST_CAPS_OFF.
+    ("flood", ["flood", "--clients", "400", "--concurrency", "64"],
+     ["--max-connections-per-host", "256", "--max-reservations-per-host", "64",
+      "--max-connections-per-network", "1024", "--max-reservations-per-network", "256"],
+     True),
 ]
 
 SMOKE = [
@@ -293,6 +312,8 @@ ROWS = [
     ("Bulk 1 GiB relayed", "bulk", "relayed_mib_s", "MiB/s", "{:.0f}", True, ""),
     ("Bulk: relayed / direct", "bulk", "ratio", "", "{:.2f}", True, "≥ 0.50"),
     ("Bulk: relay CPU per GiB", "bulk", "relay_cpu_s_per_gib", "s", "{:.2f}", False, ""),
+    ("Bulk 256 MiB relayed at the default rates", "bulk-shaped", "relayed_mib_s", "MiB/s",
+     "{:.1f}", False, "≤ 8 MiB/s"),
     ("DHT put (100 clients × 500)", "dht", "put_per_s", "/s", "{:.0f}", True, ""),
     ("DHT put p99", "dht", "put_p99_ms", "ms", "{:.1f}", False, ""),
     ("DHT get", "dht", "get_per_s", "/s", "{:.0f}", True, ""),
@@ -303,6 +324,10 @@ ROWS = [
     ("Churn: RSS 60 s after", "churn", "rss_after_mib", "MiB", "{:.1f}", False, ""),
     ("Churn: RSS after / idle", "churn", "rss_after_vs_idle", "", "{:.3f}", False, "≤ 1.10"),
     ("Churn: failures", "churn", "failures", "", "{:.0f}", False, "0"),
+    ("Flood, 400 clients of one host: reserved", "flood", "flood_reserved", "", "{:.0f}", True,
+     "≤ 64"),
+    ("Flood: honest clients failed (of 50)", "flood", "failures", "", "{:.0f}", True, "0"),
+    ("Flood: honest setup p99", "flood", "honest_p99_ms", "ms", "{:.1f}", True, ""),
     ("Identity API (wrk, 16 conns): requests", "wrk", "per_s", "/s", "{:.0f}", True, ""),
     ("Identity API: p99", "wrk", "p99_ms", "ms", "{:.2f}", False, ""),
 ]

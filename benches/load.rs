@@ -19,6 +19,9 @@
 //! - `churn`: `--concurrency` workers connect, reserve and disconnect in a loop for
 //!   `--seconds`, then the relay's RSS is followed until it is back within 10% of idle
 //!   (or `--settle` seconds pass).
+//! - `flood`: `--clients` clients of one host (one address) reserve, `--concurrency` at a
+//!   time, while 50 honest clients, each its own host, reserve too; reports what the
+//!   flood got and the honest clients' failures and latency.
 //!
 //! With `--pid`, the relay's RSS and CPU seconds are read from /proc. Progress goes to
 //! stderr; the last line on stdout is one JSON object with the figures, which
@@ -60,6 +63,7 @@ enum Scenario {
     Bulk,
     Dht,
     Churn,
+    Flood,
 }
 
 #[derive(Parser, Debug)]
@@ -402,10 +406,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Client addresses: `base` + 1 + i, so every client is its own host to the relay.
+/// Client addresses: `base` + 1 + i, so every client is its own host to the relay
+/// (or, [`Addrs::one_host`], all the same address).
 struct Addrs {
     base: u32,
     next: AtomicU32,
+    step: u32,
 }
 
 impl Addrs {
@@ -413,12 +419,20 @@ impl Addrs {
         Self {
             base: u32::from(base),
             next: AtomicU32::new(0),
+            step: 1,
+        }
+    }
+    /// Every client on `base` + 1: one host behind one IP.
+    fn one_host(base: Ipv4Addr) -> Self {
+        Self {
+            step: 0,
+            ..Self::new(base)
         }
     }
     fn take(&self) -> Ipv4Addr {
         // Stay inside one /16 so a long churn run wraps rather than leaving 127/8.
         let i = self.next.fetch_add(1, Ordering::Relaxed) % 65_534;
-        Ipv4Addr::from(self.base + 1 + i)
+        Ipv4Addr::from(self.base + 1 + i * self.step)
     }
 }
 
@@ -458,13 +472,12 @@ impl Failures {
 fn hold_clients(
     n: usize,
     concurrency: usize,
-    ip_base: Ipv4Addr,
+    addrs: Arc<Addrs>,
     relay: &Relay,
     failures: &Arc<Failures>,
     lost: &Arc<AtomicUsize>,
     stop: &watch::Receiver<bool>,
 ) -> mpsc::UnboundedReceiver<Option<Duration>> {
-    let addrs = Arc::new(Addrs::new(ip_base));
     let gate = Arc::new(Semaphore::new(concurrency));
     let (done_tx, done) = mpsc::unbounded_channel::<Option<Duration>>();
     for _ in 0..n {
@@ -542,7 +555,7 @@ async fn reservations_child(args: &Args, relay: &Relay) -> Result<serde_json::Va
     let mut done = hold_clients(
         args.clients,
         args.concurrency,
-        args.ip_base,
+        Arc::new(Addrs::new(args.ip_base)),
         relay,
         &failures,
         &lost,
@@ -603,7 +616,7 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let mut done = hold_clients(
         own,
         concurrency,
-        args.ip_base,
+        Arc::new(Addrs::new(args.ip_base)),
         relay,
         &failures,
         &lost,
@@ -682,6 +695,74 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             json!((at_n.cpu_s - idle.cpu_s) * 1000.0 / ok.max(1) as f64);
     }
     Ok(out)
+}
+
+/// Honest clients of the `flood` scenario.
+const FLOOD_HONEST: usize = 50;
+
+/// `flood`: `--clients` clients of one host (the address after `--ip-base`) connect and
+/// reserve, `--concurrency` at a time, while 50 honest clients, each its own host in
+/// the next /16, do the same once the flood runs. Refusals of the flood are expected;
+/// the figures that count are the honest clients' (failures, latency).
+async fn flood(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let flood_failures = Arc::new(Failures::default());
+    let honest_failures = Arc::new(Failures::default());
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let t0 = Instant::now();
+    let mut flood_done = hold_clients(
+        args.clients,
+        args.concurrency,
+        Arc::new(Addrs::one_host(args.ip_base)),
+        relay,
+        &flood_failures,
+        &lost,
+        &stop,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let honest_base = Ipv4Addr::from(u32::from(args.ip_base) + 65_536);
+    let mut honest_done = hold_clients(
+        FLOOD_HONEST,
+        8,
+        Arc::new(Addrs::new(honest_base)),
+        relay,
+        &honest_failures,
+        &lost,
+        &stop,
+    );
+    let mut honest = Vec::new();
+    for _ in 0..FLOOD_HONEST {
+        if let Some(Some(d)) = honest_done.recv().await {
+            honest.push(ms(d));
+        }
+    }
+    let honest_s = t0.elapsed().as_secs_f64();
+    let mut flood_ok = 0;
+    for _ in 0..args.clients {
+        if let Some(Some(_)) = flood_done.recv().await {
+            flood_ok += 1;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let honest_ok = honest.len();
+    let (p50, p99) = percentiles(honest);
+    eprintln!(
+        "flood from one host: {flood_ok} of {} reserved; honest: {honest_ok} of {FLOOD_HONEST}",
+        args.clients
+    );
+    Ok(json!({
+        "flood_clients": args.clients,
+        "flood_reserved": flood_ok,
+        "flood_refused": args.clients - flood_ok,
+        "flood_errors": flood_failures.json(),
+        "honest_clients": FLOOD_HONEST,
+        "honest_reserved": honest_ok,
+        "honest_p50_ms": p50,
+        "honest_p99_ms": p99,
+        "honest_done_s": honest_s,
+        "failures": honest_failures.count(),
+        "errors": honest_failures.json(),
+    }))
 }
 
 async fn circuits(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
@@ -1234,6 +1315,7 @@ fn main() -> Result<()> {
             Scenario::Bulk => bulk(&args, &relay).await,
             Scenario::Dht => dht(&args, &relay).await,
             Scenario::Churn => churn(&args, &relay).await,
+            Scenario::Flood => flood(&args, &relay).await,
         }
     })?;
     let failures = out["failures"].as_u64().unwrap_or(0);

@@ -6,6 +6,7 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, ping, relay};
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::defaults;
 use crate::kademlia::Kademlia;
@@ -25,28 +26,40 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    pub fn new(key: &Keypair, config: &Config, store_metrics: StoreMetrics) -> Self {
+    /// `admission` is shared with the event loop, which confirms and releases
+    /// reservations and prunes its tables.
+    pub fn new(
+        key: &Keypair,
+        config: &Config,
+        store_metrics: StoreMetrics,
+        admission: &Admission,
+    ) -> Self {
         let peer_id = key.public().to_peer_id();
 
         let limits = limits::Behaviour::new(limits::Limits {
             max_pending_incoming: Some(defaults::MAX_PENDING_INCOMING),
             max_established: config.max_connections,
             max_established_per_peer: config.max_connections_per_peer,
+            max_established_per_host: config.max_connections_per_host,
+            max_established_per_network: config.max_connections_per_network,
         });
 
         let l = &config.relay;
-        // Start from libp2p's defaults to keep its per-peer and per-IP rate limiters
-        // (reservations: 30 per peer per 2 min, 60 per IP per min; circuits: the same per
-        // source), then lift the size limits to what real syncs need.
+        // libp2p's relay lets one more than its per-peer limits through (it refuses
+        // only when a peer already holds *more* than the limit), so it is given one
+        // less: the flags mean what they say.
+        let per_peer = |max: usize| if max == usize::MAX { max } else { max - 1 };
         let relay_config = relay::Config {
             max_reservations: l.max_reservations,
-            max_reservations_per_peer: l.max_reservations_per_peer,
+            max_reservations_per_peer: per_peer(l.max_reservations_per_peer),
             reservation_duration: l.reservation_duration,
+            // Rates per peer and host, caps per host and network (src/admission.rs).
+            reservation_rate_limiters: admission.reservation_limiters(),
             max_circuits: l.max_circuits,
-            max_circuits_per_peer: l.max_circuits_per_peer,
+            max_circuits_per_peer: per_peer(l.max_circuits_per_peer),
             max_circuit_duration: l.max_circuit_duration,
             max_circuit_bytes: l.max_circuit_bytes,
-            ..Default::default()
+            circuit_src_rate_limiters: admission.circuit_limiters(),
         };
 
         let mut kad_config = kad::Config::new(config.kad_protocol.clone());

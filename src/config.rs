@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, multiaddr::Protocol};
 
+use crate::circuits::frames::WireLimit;
 use crate::record_store::StoreLimits;
 use crate::{addrs, defaults};
 
@@ -187,9 +188,35 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_DURATION_SECS", default_value_t = defaults::MAX_CIRCUIT_DURATION_SECS)]
     pub max_circuit_duration_secs: u64,
 
-    /// Bytes a circuit may carry, both directions together (0 = unlimited).
-    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_BYTES", default_value_t = defaults::MAX_CIRCUIT_BYTES)]
+    /// Bytes a circuit may carry, both directions together (0 = unlimited). Any limit
+    /// is announced to clients, and js-libp2p and go-libp2p then treat the circuit as
+    /// limited. Sizes: plain bytes or K, M, G, Ki, Mi, Gi (e.g. 64MiB).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_BYTES", default_value_t = defaults::MAX_CIRCUIT_BYTES, value_parser = parse_bytes)]
     pub max_circuit_bytes: u64,
+
+    /// Bytes per second one circuit moves in each direction (0 = unlimited); a faster
+    /// circuit is slowed, not cut. Plain bytes or K, M, G, Ki, Mi, Gi (e.g. 4MiB).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CIRCUIT_RATE", default_value = defaults::MAX_CIRCUIT_RATE, value_parser = parse_bytes)]
+    pub max_circuit_rate: u64,
+
+    /// Bytes per second all circuits together move, both directions (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RELAY_RATE", default_value = defaults::MAX_RELAY_RATE, value_parser = parse_bytes)]
+    pub max_relay_rate: u64,
+
+    /// Bytes circuits may carry per UTC day; once reached, new circuits are refused until
+    /// 00:00 UTC while open ones go on (0 = no budget).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RELAYED_BYTES_PER_DAY", default_value_t = defaults::MAX_RELAYED_BYTES_PER_DAY, value_parser = parse_bytes)]
+    pub max_relayed_bytes_per_day: u64,
+
+    /// Peers of one host (IPv4 address, IPv6 /64) holding reservations at once
+    /// (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RESERVATIONS_PER_HOST", default_value_t = defaults::MAX_RESERVATIONS_PER_HOST)]
+    pub max_reservations_per_host: usize,
+
+    /// Peers of one network (IPv4 /24, IPv6 /48) holding reservations at once
+    /// (0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_RESERVATIONS_PER_NETWORK", default_value_t = defaults::MAX_RESERVATIONS_PER_NETWORK)]
+    pub max_reservations_per_network: usize,
 
     /// Seconds open circuits get to end on SIGTERM, while the relay takes no new
     /// reservations or circuits (0 = stop at once).
@@ -203,6 +230,39 @@ pub struct RunArgs {
     /// Established connections per peer (0 = unlimited).
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS_PER_PEER", default_value_t = defaults::MAX_CONNECTIONS_PER_PEER)]
     pub max_connections_per_peer: u32,
+
+    /// Established connections from one host (IPv4 address, IPv6 /64; 0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS_PER_HOST", default_value_t = defaults::MAX_CONNECTIONS_PER_HOST)]
+    pub max_connections_per_host: u32,
+
+    /// Established connections from one network (IPv4 /24, IPv6 /48; 0 = unlimited).
+    #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS_PER_NETWORK", default_value_t = defaults::MAX_CONNECTIONS_PER_NETWORK)]
+    pub max_connections_per_network: u32,
+}
+
+/// A byte count: plain digits, or digits with K, M, G (powers of 1000) or Ki, Mi, Gi
+/// (powers of 1024), optionally followed by B: `65536`, `64Ki`, `4MiB`, `500G`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let bad = || format!("{s:?} is not a size: expected bytes like 65536, 64Ki, 4MiB or 500G");
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let unit = unit.trim_start();
+    let unit = unit.strip_suffix(['B', 'b']).unwrap_or(unit);
+    let factor: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1_000,
+        "M" | "m" => 1_000_000,
+        "G" | "g" => 1_000_000_000,
+        "Ki" | "ki" | "KI" => 1 << 10,
+        "Mi" | "mi" | "MI" => 1 << 20,
+        "Gi" | "gi" | "GI" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `--metrics-address`: where `/metrics` is served, or nowhere.
@@ -299,6 +359,8 @@ pub struct Config {
     pub relay: RelayLimits,
     pub max_connections: Option<u32>,
     pub max_connections_per_peer: Option<u32>,
+    pub max_connections_per_host: Option<u32>,
+    pub max_connections_per_network: Option<u32>,
     pub stats_log_interval: Duration,
     /// Where `/metrics` is served (`None`: nowhere).
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -318,6 +380,18 @@ pub struct RelayLimits {
     pub max_circuits_per_peer: usize,
     pub max_circuit_duration: Duration,
     pub max_circuit_bytes: u64,
+    /// Each direction of one circuit, bytes per second (0 = unlimited).
+    pub max_circuit_rate: u64,
+    /// All circuits, bytes per second (0 = unlimited).
+    pub max_relay_rate: u64,
+    /// Bytes per UTC day before new circuits are refused (0 = no budget).
+    pub max_relayed_bytes_per_day: u64,
+    /// Peers of one host / network holding reservations (0 = unlimited).
+    pub max_reservations_per_host: usize,
+    pub max_reservations_per_network: usize,
+    /// The circuit limit announced to clients: `None` when there is none, which is
+    /// how clients read "unlimited".
+    pub wire_limit: Option<WireLimit>,
 }
 
 fn unlimited_usize(v: usize) -> usize {
@@ -491,9 +565,22 @@ impl TryFrom<&RunArgs> for Config {
                 max_circuits_per_peer: unlimited_usize(a.max_circuits_per_peer),
                 max_circuit_duration: Duration::from_secs(circuit_secs),
                 max_circuit_bytes: a.max_circuit_bytes,
+                max_circuit_rate: a.max_circuit_rate,
+                max_relay_rate: a.max_relay_rate,
+                max_relayed_bytes_per_day: a.max_relayed_bytes_per_day,
+                max_reservations_per_host: a.max_reservations_per_host,
+                max_reservations_per_network: a.max_reservations_per_network,
+                wire_limit: (a.max_circuit_bytes > 0 || a.max_circuit_duration_secs > 0).then_some(
+                    WireLimit {
+                        duration_secs: a.max_circuit_duration_secs as u32,
+                        data_bytes: a.max_circuit_bytes,
+                    },
+                ),
             },
             max_connections: unlimited_u32(a.max_connections),
             max_connections_per_peer: unlimited_u32(a.max_connections_per_peer),
+            max_connections_per_host: unlimited_u32(a.max_connections_per_host),
+            max_connections_per_network: unlimited_u32(a.max_connections_per_network),
             stats_log_interval: defaults::STATS_LOG_INTERVAL,
             metrics_address: a.metrics_address.0,
             drain_grace: Duration::from_secs(a.drain_grace_secs),
@@ -523,7 +610,59 @@ mod tests {
         assert!(c.store.max_records >= 50_000);
         // PrivStack's keys: `/privstack/syncgroup/` + 32 bytes.
         assert!(c.store.max_key_bytes >= 53);
-        assert!(c.relay.max_circuit_bytes >= 2 * 64 * 1024 * 1024);
+        // Circuits announce no limit (clients read an absent one as unlimited) and are
+        // shaped by rate instead.
+        assert_eq!(c.relay.max_circuit_bytes, 0);
+        assert_eq!(c.relay.wire_limit, None);
+        assert_eq!(c.relay.max_circuit_rate, 8 << 20);
+        assert_eq!(c.relay.max_relay_rate, 32 << 20);
+        let c = parse(&["--max-circuit-duration-secs", "600"]).unwrap();
+        assert_eq!(
+            c.relay.wire_limit,
+            Some(WireLimit {
+                duration_secs: 600,
+                data_bytes: 0
+            })
+        );
+    }
+
+    #[test]
+    fn sizes_take_decimal_and_binary_suffixes() {
+        for (text, bytes) in [
+            ("65536", 65536),
+            ("0", 0),
+            ("4MiB", 4 << 20),
+            ("4Mi", 4 << 20),
+            ("64Ki", 64 << 10),
+            ("2GiB", 2 << 30),
+            ("500G", 500_000_000_000),
+            ("8M", 8_000_000),
+            ("1KB", 1000),
+            (" 3 MiB ", 3 << 20),
+        ] {
+            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "4 TiB",
+            "-1",
+            "1.5M",
+            "4Mx",
+            "99999999999999999999",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse_bytes("99999999999G")
+                .unwrap_err()
+                .contains("too large")
+        );
+        let e = parse(&["--max-circuit-rate", "fast"]).unwrap_err();
+        assert!(
+            e.contains("--max-circuit-rate") && e.contains("fast"),
+            "{e}"
+        );
     }
 
     #[test]

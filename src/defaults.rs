@@ -110,14 +110,31 @@ pub const MAX_CIRCUITS: usize = 512;
 /// Circuits per peer: a device syncing with several group members at once.
 pub const MAX_CIRCUITS_PER_PEER: usize = 16;
 
-/// Circuit lifetime. A sync that cannot go direct lives on the circuit; one hour lets
-/// a large one finish while bounding how long a stuck circuit holds resources (the
-/// client re-opens one if it needs more). libp2p's 2 minutes cut real syncs short.
-pub const MAX_CIRCUIT_DURATION_SECS: u64 = 60 * 60;
+/// Circuit lifetime: none (0). js-libp2p and go-libp2p treat a circuit whose
+/// reservation announces any limit as *limited*: they run only a few protocols on it
+/// and close or replace it, which broke 64 MiB transfers through the relay. So by
+/// default no `Limit` is announced, and the relay protects itself by rate instead
+/// ([`MAX_CIRCUIT_RATE`], [`MAX_RELAY_RATE`]) and by the idle timeout of its
+/// connections.
+pub const MAX_CIRCUIT_DURATION_SECS: u64 = 0;
 
-/// Bytes per circuit, both directions together. 1 GiB lets a large sync (attachments)
-/// cross in one circuit; libp2p's 128 KiB cut every real sync.
-pub const MAX_CIRCUIT_BYTES: u64 = 1 << 30;
+/// Bytes per circuit, both directions together: none (0), for the reason given at
+/// [`MAX_CIRCUIT_DURATION_SECS`].
+pub const MAX_CIRCUIT_BYTES: u64 = 0;
+
+/// Bytes per second one circuit may move in each direction: 8 MiB/s (about 67 Mbit/s)
+/// lets a 1 GiB sync cross in about two minutes while a few circuits cannot take a
+/// small VPS's uplink.
+pub const MAX_CIRCUIT_RATE: &str = "8MiB";
+
+/// Bytes per second all circuits together may move (both directions): 32 MiB/s (about
+/// 270 Mbit/s), a quarter of a 1 Gbit/s VPS port, so circuits never starve the DHT
+/// traffic every connected device depends on.
+pub const MAX_RELAY_RATE: &str = "32MiB";
+
+/// Bytes relayed per UTC day before new circuits are refused: off (0), since
+/// bandwidth bills differ too much for one default (README: how to size it).
+pub const MAX_RELAYED_BYTES_PER_DAY: u64 = 0;
 
 /// Established connections in total: reservations, circuits and DHT-only clients
 /// (each client is one QUIC connection). Bounds memory under a connection flood.
@@ -126,6 +143,24 @@ pub const MAX_CONNECTIONS: u32 = 8192;
 /// Established connections per peer: a client, its reconnect racing the old
 /// connection, and a relayed dial need no more.
 pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+
+/// Established connections from one host (an IPv4 address, an IPv6 /64). A household
+/// behind one NAT, or a CGNAT address shared by dozens of households, stays far below
+/// it (each device holds one connection); one host cannot fill
+/// [`MAX_CONNECTIONS`] (a thirty-second of it).
+pub const MAX_CONNECTIONS_PER_HOST: u32 = 256;
+
+/// Established connections from one network (an IPv4 /24, an IPv6 /48): an eighth of
+/// [`MAX_CONNECTIONS`], so a flood must come from many networks to fill the relay.
+pub const MAX_CONNECTIONS_PER_NETWORK: u32 = 1024;
+
+/// Peers of one host (IPv4 address, IPv6 /64) holding reservations at once: a
+/// household or a CGNAT address has room, one host cannot take more than 1/64 of
+/// [`MAX_RESERVATIONS`].
+pub const MAX_RESERVATIONS_PER_HOST: usize = 64;
+
+/// Peers of one network (IPv4 /24, IPv6 /48) holding reservations at once.
+pub const MAX_RESERVATIONS_PER_NETWORK: usize = 256;
 
 /// Streams a client may have open at once on its QUIC connection. quinn sets up state
 /// for every allowed stream when a connection starts, so libp2p-quic's 256 cost about

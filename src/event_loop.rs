@@ -21,6 +21,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, relay};
 use tokio::sync::{mpsc, watch};
 
 use crate::addrs;
+use crate::admission::Admission;
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::Config;
 use crate::defaults;
@@ -41,6 +42,8 @@ pub struct EventLoop {
     routing: RoutingPolicy,
     /// Active reservations per peer.
     reservations: HashMap<PeerId, u32>,
+    /// The relay's rate tables and per-host reservation counts (src/admission.rs).
+    admission: Admission,
     /// When each open circuit opened, per (source, destination); entries go when
     /// their circuits close, so this is bounded by `--max-circuits`.
     circuits_opened: HashMap<(PeerId, PeerId), VecDeque<Instant>>,
@@ -78,6 +81,7 @@ impl EventLoop {
         metrics: RelayMetrics,
         libp2p_metrics: Libp2pMetrics,
         snapshot: watch::Sender<Snapshot>,
+        admission: Admission,
     ) -> Self {
         let routing = RoutingPolicy::new(config.bootstrap.iter().map(|(p, _)| *p));
         let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
@@ -90,6 +94,7 @@ impl EventLoop {
             unique_peers: UniquePeers::default(),
             routing,
             reservations: HashMap::new(),
+            admission,
             circuits_opened: HashMap::new(),
             listeners: HashMap::new(),
             listen_requests: HashMap::new(),
@@ -306,6 +311,7 @@ impl EventLoop {
 
     fn update_gauges(&mut self) {
         let now = Instant::now();
+        self.admission.prune(now);
         let actions = self.routing.tick(now);
         self.apply(actions);
         self.update_routing_gauge();
@@ -581,6 +587,7 @@ impl EventLoop {
                     self.metrics.reservation_event("renewed", 1);
                 } else {
                     *self.reservations.entry(src_peer_id).or_default() += 1;
+                    self.admission.host_reservations.confirm(&src_peer_id);
                     self.metrics.reservations.inc();
                     self.metrics.reservation_event("opened", 1);
                 }
@@ -667,6 +674,7 @@ impl EventLoop {
         self.metrics.reservations.dec_by(i64::from(n));
         if *count == 0 {
             self.reservations.remove(&peer);
+            self.admission.host_reservations.release(&peer);
         }
         n
     }

@@ -7,10 +7,11 @@
 #![forbid(unsafe_code)]
 
 pub mod addrs;
+pub mod admission;
 pub mod api;
 pub mod behaviour;
 pub mod build_info;
-pub mod circuit_bytes;
+pub mod circuits;
 pub mod client;
 pub mod config;
 pub mod defaults;

@@ -1,5 +1,9 @@
-//! Connection limits: handshakes in progress, established connections in total and per
-//! peer.
+//! Connection limits: handshakes in progress, established connections in total, per
+//! peer, and (inbound) per host and per network.
+//!
+//! The per-host (IPv4 address, IPv6 /64) and per-network (IPv4 /24, IPv6 /48) caps are
+//! checked before the total, so one host cannot fill `--max-connections` and turn
+//! everyone else away; a household behind one NAT is one host.
 //!
 //! This replaces `libp2p-connection-limits` (0.7.0), which keeps an entry for every peer
 //! that ever connected (its per-peer set is emptied on disconnect but never removed):
@@ -13,7 +17,7 @@ use std::task::{Context, Poll};
 
 use libp2p::PeerId;
 use libp2p::core::transport::PortUse;
-use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::core::{ConnectedPoint, Endpoint, Multiaddr};
 use libp2p::swarm::behaviour::ConnectionEstablished;
 use libp2p::swarm::{
     ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, ListenFailure, NetworkBehaviour,
@@ -26,6 +30,8 @@ pub struct Limits {
     pub max_pending_incoming: Option<u32>,
     pub max_established: Option<u32>,
     pub max_established_per_peer: Option<u32>,
+    pub max_established_per_host: Option<u32>,
+    pub max_established_per_network: Option<u32>,
 }
 
 /// Which limit a connection ran into.
@@ -54,6 +60,30 @@ pub struct Behaviour {
     /// Connections in `per_peer`, all peers together.
     established: usize,
     per_peer: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// Inbound established connections: their (host, network) prefixes.
+    inbound: HashMap<ConnectionId, (u128, u128)>,
+    per_host: HashMap<u128, usize>,
+    per_network: HashMap<u128, usize>,
+}
+
+/// Add `delta` (+1 or -1) to `key`'s count, dropping counts that reach zero.
+fn count(map: &mut HashMap<u128, usize>, key: u128, add: bool) {
+    if add {
+        *map.entry(key).or_default() += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+fn prefixes(addr: &Multiaddr) -> Option<(u128, u128)> {
+    let ip = crate::addrs::ip(addr)?;
+    Some((
+        crate::addrs::host_prefix(ip),
+        crate::addrs::network_prefix(ip),
+    ))
 }
 
 impl Behaviour {
@@ -120,9 +150,21 @@ impl NetworkBehaviour for Behaviour {
         connection_id: ConnectionId,
         peer: PeerId,
         _local_addr: &Multiaddr,
-        _remote_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.pending_incoming.remove(&connection_id);
+        if let Some((host, network)) = prefixes(remote_addr) {
+            Self::check(
+                self.limits.max_established_per_host,
+                self.per_host.get(&host).copied().unwrap_or(0),
+                "connections per host",
+            )?;
+            Self::check(
+                self.limits.max_established_per_network,
+                self.per_network.get(&network).copied().unwrap_or(0),
+                "connections per network",
+            )?;
+        }
         self.check_established(peer)?;
         Ok(dummy::ConnectionHandler)
     }
@@ -144,6 +186,7 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ConnectionEstablished(ConnectionEstablished {
                 peer_id,
                 connection_id,
+                endpoint,
                 ..
             }) => {
                 let new = self
@@ -152,12 +195,24 @@ impl NetworkBehaviour for Behaviour {
                     .or_default()
                     .insert(connection_id);
                 self.established += usize::from(new);
+                if let ConnectedPoint::Listener { send_back_addr, .. } = endpoint
+                    && new
+                    && let Some((host, network)) = prefixes(send_back_addr)
+                {
+                    self.inbound.insert(connection_id, (host, network));
+                    count(&mut self.per_host, host, true);
+                    count(&mut self.per_network, network, true);
+                }
             }
             FromSwarm::ConnectionClosed(ConnectionClosed {
                 peer_id,
                 connection_id,
                 ..
             }) => {
+                if let Some((host, network)) = self.inbound.remove(&connection_id) {
+                    count(&mut self.per_host, host, false);
+                    count(&mut self.per_network, network, false);
+                }
                 if let Some(set) = self.per_peer.get_mut(&peer_id) {
                     if set.remove(&connection_id) {
                         self.established -= 1;
@@ -191,24 +246,37 @@ impl NetworkBehaviour for Behaviour {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use libp2p::core::ConnectedPoint;
 
-    fn endpoint() -> ConnectedPoint {
+    fn endpoint_from(ip: &str) -> ConnectedPoint {
         ConnectedPoint::Listener {
             local_addr: "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap(),
-            send_back_addr: "/ip4/127.0.0.2/udp/5000/quic-v1".parse().unwrap(),
+            send_back_addr: format!("/{ip}/udp/5000/quic-v1").parse().unwrap(),
         }
     }
 
+    fn endpoint() -> ConnectedPoint {
+        endpoint_from("ip4/127.0.0.2")
+    }
+
     fn established(b: &mut Behaviour, peer: PeerId, id: usize) -> Result<(), ConnectionDenied> {
+        established_from(b, peer, id, "ip4/127.0.0.2")
+    }
+
+    fn established_from(
+        b: &mut Behaviour,
+        peer: PeerId,
+        id: usize,
+        ip: &str,
+    ) -> Result<(), ConnectionDenied> {
         let c = ConnectionId::new_unchecked(id);
-        let addr = endpoint().get_remote_address().clone();
+        let endpoint = endpoint_from(ip);
+        let addr = endpoint.get_remote_address().clone();
         b.handle_pending_inbound_connection(c, &addr, &addr)?;
         b.handle_established_inbound_connection(c, peer, &addr, &addr)?;
         b.on_swarm_event(FromSwarm::ConnectionEstablished(ConnectionEstablished {
             peer_id: peer,
             connection_id: c,
-            endpoint: &endpoint(),
+            endpoint: &endpoint,
             failed_addresses: &[],
             other_established: 0,
         }));
@@ -223,6 +291,61 @@ mod tests {
             cause: None,
             remaining_established: 0,
         }));
+    }
+
+    #[test]
+    fn hosts_and_networks_are_capped_before_the_total() {
+        let mut b = Behaviour::new(Limits {
+            max_established: Some(100),
+            max_established_per_host: Some(2),
+            max_established_per_network: Some(3),
+            ..Limits::default()
+        });
+        established_from(&mut b, PeerId::random(), 1, "ip4/198.51.100.1").unwrap();
+        established_from(&mut b, PeerId::random(), 2, "ip4/198.51.100.1").unwrap();
+        let e = denied(established_from(
+            &mut b,
+            PeerId::random(),
+            3,
+            "ip4/198.51.100.1",
+        ));
+        assert_eq!(e.limit, "connections per host");
+        established_from(&mut b, PeerId::random(), 4, "ip4/198.51.100.2").unwrap();
+        let e = denied(established_from(
+            &mut b,
+            PeerId::random(),
+            5,
+            "ip4/198.51.100.3",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "connection limit exceeded: at most 3 connections per network"
+        );
+        established_from(&mut b, PeerId::random(), 6, "ip4/198.51.101.1").unwrap();
+        // One IPv6 /64 is one host.
+        established_from(&mut b, PeerId::random(), 7, "ip6/2001:db8:0:1::1").unwrap();
+        established_from(&mut b, PeerId::random(), 8, "ip6/2001:db8:0:1::2").unwrap();
+        let e = denied(established_from(
+            &mut b,
+            PeerId::random(),
+            9,
+            "ip6/2001:db8:0:1::3",
+        ));
+        assert_eq!(e.limit, "connections per host");
+        // Closing frees the host's slot; nothing is left once all are gone.
+        let peer = PeerId::random();
+        b.on_swarm_event(FromSwarm::ConnectionClosed(ConnectionClosed {
+            peer_id: peer,
+            connection_id: ConnectionId::new_unchecked(1),
+            endpoint: &endpoint_from("ip4/198.51.100.1"),
+            cause: None,
+            remaining_established: 0,
+        }));
+        established_from(&mut b, peer, 10, "ip4/198.51.100.1").unwrap();
+        for id in [2, 4, 6, 7, 8, 10] {
+            closed(&mut b, PeerId::random(), id);
+        }
+        assert!(b.inbound.is_empty() && b.per_host.is_empty() && b.per_network.is_empty());
     }
 
     fn denied(r: Result<(), ConnectionDenied>) -> Exceeded {
@@ -259,6 +382,7 @@ mod tests {
             max_pending_incoming: None,
             max_established: Some(3),
             max_established_per_peer: Some(2),
+            ..Limits::default()
         });
         let (p, q) = (PeerId::random(), PeerId::random());
         established(&mut b, p, 1).unwrap();

@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::circuit_bytes::CircuitBytes;
+use crate::circuits::CircuitBytes;
 use crate::defaults;
 
 /// The relay's own metrics; libp2p's are registered beside them in the same registry.

@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{self, JoinSet};
 
+use crate::admission::{Admission, HostCaps};
 use crate::behaviour::Behaviour;
-use crate::circuit_bytes::Counting;
+use crate::circuits::{self, Circuits, shaping::Rates};
 use crate::config::Config;
 use crate::event_loop::{EventLoop, Fault};
 use crate::metrics::RelayMetrics;
@@ -92,19 +93,33 @@ impl Server {
         let metrics = RelayMetrics::register(&mut registry);
         let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
 
+        let l = &config.relay;
+        let circuits = Arc::new(Circuits {
+            bytes: metrics.circuit_bytes.clone(),
+            rates: Rates::new(l.max_circuit_rate, l.max_relay_rate),
+            wire_limit: l.wire_limit,
+        });
+        let admission = Admission::new(
+            HostCaps {
+                per_host: (l.max_reservations_per_host > 0).then_some(l.max_reservations_per_host),
+                per_network: (l.max_reservations_per_network > 0)
+                    .then_some(l.max_reservations_per_network),
+            },
+            l.max_relayed_bytes_per_day,
+            metrics.circuit_bytes.clone(),
+        );
         let swarm = SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()
             .with_other_transport(|key| {
                 let mut c = libp2p::quic::Config::new(key);
                 c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
-                let bytes = metrics.circuit_bytes.clone();
                 libp2p::quic::tokio::Transport::new(c).map(move |(peer, connection), _| {
-                    (peer, Counting::new(connection, bytes.clone()))
+                    (peer, circuits::Muxer::new(connection, circuits.clone()))
                 })
             })
             .unwrap_or_else(|never| match never {})
             .with_bandwidth_metrics(&mut registry)
-            .with_behaviour(|key| Behaviour::new(key, &config, metrics.store.clone()))
+            .with_behaviour(|key| Behaviour::new(key, &config, metrics.store.clone(), &admission))
             .unwrap_or_else(|never| match never {})
             .with_swarm_config(|c| {
                 c.with_idle_connection_timeout(defaults::IDLE_CONNECTION_TIMEOUT)
@@ -117,8 +132,14 @@ impl Server {
             addresses: Vec::new(),
             listening: false,
         });
-        let mut event_loop =
-            EventLoop::new(swarm, config.clone(), metrics, libp2p_metrics, snapshot_tx);
+        let mut event_loop = EventLoop::new(
+            swarm,
+            config.clone(),
+            metrics,
+            libp2p_metrics,
+            snapshot_tx,
+            admission,
+        );
         let heartbeat = event_loop.heartbeat();
         let faults = event_loop.faults();
 

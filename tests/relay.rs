@@ -711,3 +711,181 @@ async fn renewed_reservations_are_counted_as_renewals() {
     drop(a);
     server.shutdown().await;
 }
+
+/// By default reservations and circuits announce no `Limit` at all: the circuit relay
+/// spec's "unlimited", and what js-libp2p and go-libp2p need to treat a relayed
+/// connection as a full one. With --max-circuit-bytes / --max-circuit-duration-secs
+/// the limit is announced as set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_announce_no_limit_unless_one_is_set() {
+    for (bytes, secs, expected) in [
+        (0, 0, None),
+        (
+            1 << 20,
+            600,
+            Some((Some(Duration::from_secs(600)), Some(1 << 20))),
+        ),
+        (1 << 20, 0, Some((Some(Duration::ZERO), Some(1 << 20)))),
+    ] {
+        let server = spawn_relay(|a| {
+            a.max_circuit_bytes = bytes;
+            a.max_circuit_duration_secs = secs;
+        })
+        .await;
+        let relay_addr = server.loopback_multiaddr();
+        let mut a = TestClient::new(None).await;
+        let mut b = TestClient::new(None).await;
+        let (_, reserved) = a.reserve_with_limit(&relay_addr).await.unwrap();
+        assert_eq!(reserved, expected, "reservation with {bytes} B / {secs} s");
+        let (_, circuit) = b
+            .try_dial_via_circuit(&relay_addr, a.peer_id)
+            .await
+            .unwrap();
+        assert_eq!(circuit, expected, "circuit with {bytes} B / {secs} s");
+        // The rewritten messages leave the circuit working.
+        exchange_through_circuit(&mut a, &mut b, 100_000).await;
+        server.shutdown().await;
+    }
+}
+
+/// --max-circuit-rate slows a circuit down without cutting it: 24 MiB one way at
+/// 4 MiB/s take about 6 s and arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_is_slowed_to_its_rate_not_cut() {
+    const SIZE: usize = 24 << 20;
+    let server = spawn_relay(|a| a.max_circuit_rate = 4 << 20).await;
+    let relay_addr = server.loopback_multiaddr();
+    let mut a = TestClient::new(None).await;
+    let mut b = TestClient::new(None).await;
+    a.reserve(&relay_addr).await.unwrap();
+    b.dial_via_circuit(&relay_addr, a.peer_id).await;
+
+    let mut incoming = a.control.accept(TRANSFER_PROTOCOL).unwrap();
+    let a_id = a.peer_id;
+    let reader = tokio::spawn(async move {
+        let (_, mut s) = incoming.next().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut total, mut first) = (0usize, None);
+        loop {
+            let n = s.read(&mut buf).await.expect("the circuit stays open");
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(std::time::Instant::now);
+            total += n;
+        }
+        (total, first.unwrap().elapsed())
+    });
+    let mut control = b.control.clone();
+    let writer = tokio::spawn(async move {
+        let mut stream = control.open_stream(a_id, TRANSFER_PROTOCOL).await.unwrap();
+        stream.write_all(&vec![7u8; SIZE]).await.unwrap();
+        stream.close().await.unwrap();
+    });
+    let (received, took) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("24 MiB at 4 MiB/s within a minute")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(received, SIZE, "the whole payload crossed");
+    let rate = SIZE as f64 / took.as_secs_f64() / (1 << 20) as f64;
+    eprintln!("24 MiB in {took:?}: {rate:.2} MiB/s");
+    assert!(
+        (2.0..=4.6).contains(&rate),
+        "24 MiB took {took:?}: {rate:.2} MiB/s at --max-circuit-rate 4MiB"
+    );
+    server.shutdown().await;
+}
+
+/// libp2p's relay lets a peer exceed its per-peer circuit limit by one; the flag means
+/// what it says: with --max-circuits-per-peer 2, B's third circuit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_peer_circuit_limit_allows_exactly_that_many() {
+    let server = spawn_relay(|a| a.max_circuits_per_peer = 2).await;
+    let relay_addr = server.loopback_multiaddr();
+    let mut a = TestClient::new(None).await;
+    let mut b = TestClient::new(None).await;
+    a.reserve(&relay_addr).await.unwrap();
+    for i in 0..2 {
+        b.try_dial_via_circuit(&relay_addr, a.peer_id)
+            .await
+            .unwrap_or_else(|e| panic!("circuit {i}: {e}"));
+    }
+    wait_metric(&server, "relay_circuits", |v| v == 2.0).await;
+    let refused = b.try_dial_via_circuit(&relay_addr, a.peer_id).await;
+    assert!(refused.is_err(), "a third circuit was opened");
+    assert_eq!(
+        metric(&fetch_metrics(&server).await, "relay_circuits"),
+        Some(2.0)
+    );
+    server.shutdown().await;
+}
+
+/// One host (127.0.0.8) at --max-connections-per-host cannot connect more, while
+/// another host (127.0.0.9) still can; the same for reservations per host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_take_the_connections_or_reservations_of_others() {
+    let server = spawn_relay(|a| {
+        a.max_connections_per_host = 3;
+        a.max_reservations_per_host = 2;
+    })
+    .await;
+    let relay_addr = server.loopback_multiaddr();
+    let crowd = Ipv4Addr::new(127, 0, 0, 8);
+    let other = Ipv4Addr::new(127, 0, 0, 9);
+    // Reservations: two peers of the host hold one each (one connection each), the
+    // third is refused; another host reserves.
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut c = TestClient::new(Some(crowd)).await;
+        let reserved = c.reserve(&relay_addr).await;
+        if i < 2 {
+            reserved.unwrap_or_else(|e| panic!("reservation {i} of the host: {e}"));
+        } else {
+            let denied = reserved.unwrap_err();
+            assert!(denied.contains("ResourceLimitExceeded"), "{denied}");
+        }
+        clients.push(c);
+    }
+    let mut elsewhere = TestClient::new(Some(other)).await;
+    elsewhere
+        .reserve(&relay_addr)
+        .await
+        .expect("another host reserves");
+
+    // Connections: the host holds three, a fourth is refused; the other host connects.
+    let mut fourth = TestClient::new(Some(crowd)).await;
+    let refused = fourth.try_connect(relay_addr.clone()).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection from one host was kept"
+    );
+    let mut second = TestClient::new(Some(other)).await;
+    second.try_connect(relay_addr.clone()).await.unwrap();
+
+    // A peer that leaves frees its host's connection and reservation.
+    clients.remove(0);
+    wait_metric(&server, "relay_reservations", |v| v == 2.0).await;
+    let mut later = TestClient::new(Some(crowd)).await;
+    later.reserve(&relay_addr).await.expect("the freed slot");
+    server.shutdown().await;
+}
+
+/// --max-relayed-bytes-per-day: once circuits have carried it, an open circuit goes on
+/// but new ones are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_budget_refuses_new_circuits_once_spent() {
+    let server = spawn_relay(|a| a.max_relayed_bytes_per_day = 1 << 20).await;
+    let relay_addr = server.loopback_multiaddr();
+    let mut a = TestClient::new(None).await;
+    let mut b = TestClient::new(None).await;
+    a.reserve(&relay_addr).await.unwrap();
+    b.try_dial_via_circuit(&relay_addr, a.peer_id)
+        .await
+        .unwrap();
+    // 2 MiB each way: past the budget, on a circuit that stays open.
+    exchange_through_circuit(&mut a, &mut b, 2 << 20).await;
+    let refused = b.try_dial_via_circuit(&relay_addr, a.peer_id).await;
+    assert!(refused.is_err(), "a circuit opened past the daily budget");
+    server.shutdown().await;
+}

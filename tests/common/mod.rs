@@ -325,29 +325,46 @@ impl TestClient {
     }
 }
 
+/// A `Limit` a client was told, as (duration, data); `None`: none announced.
+pub type SeenLimit = Option<(Option<Duration>, Option<u64>)>;
+
 impl TestClient {
     /// Connect to the relay and reserve a slot there (`listen_on .../p2p-circuit`);
     /// returns the relayed addresses built from the reservation's relay addresses, or
     /// the reason the relay refused.
     pub async fn reserve(&mut self, relay_addr: &Multiaddr) -> Result<Vec<Multiaddr>, String> {
+        self.reserve_with_limit(relay_addr).await.map(|(a, _)| a)
+    }
+
+    /// [`Self::reserve`], also returning the limit the reservation announced.
+    pub async fn reserve_with_limit(
+        &mut self,
+        relay_addr: &Multiaddr,
+    ) -> Result<(Vec<Multiaddr>, SeenLimit), String> {
         let Some(Protocol::P2p(relay)) = relay_addr.iter().last() else {
             panic!("{relay_addr} has no /p2p/");
         };
         self.connect(relay_addr.clone()).await;
         let circuit = relay_addr.clone().with(Protocol::P2pCircuit);
         let listener = self.with(move |s| s.listen_on(circuit)).await.unwrap();
-        let mut accepted = false;
+        let mut accepted = None;
         let mut addrs = Vec::new();
-        while !accepted || addrs.is_empty() {
+        while accepted.is_none() || addrs.is_empty() {
             let ev = self
                 .wait("reservation outcome", |ev| match ev {
                     SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
-                        relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
-                    )) if relay_peer_id == relay => Some(Ok(None)),
+                        relay::client::Event::ReservationReqAccepted {
+                            relay_peer_id,
+                            limit,
+                            ..
+                        },
+                    )) if relay_peer_id == relay => {
+                        Some(Ok(Err(limit.map(|l| (l.duration(), l.data_in_bytes())))))
+                    }
                     SwarmEvent::NewListenAddr {
                         listener_id,
                         address,
-                    } if listener_id == listener => Some(Ok(Some(address))),
+                    } if listener_id == listener => Some(Ok(Ok(address))),
                     SwarmEvent::ListenerClosed {
                         listener_id,
                         reason,
@@ -357,11 +374,11 @@ impl TestClient {
                 })
                 .await?;
             match ev {
-                None => accepted = true,
-                Some(a) => addrs.push(a),
+                Err(limit) => accepted = Some(limit),
+                Ok(a) => addrs.push(a),
             }
         }
-        Ok(addrs)
+        Ok((addrs, accepted.flatten()))
     }
 
     /// Dial `target` through the relay's circuit; returns the connection's endpoint.
@@ -370,18 +387,86 @@ impl TestClient {
         relay_addr: &Multiaddr,
         target: PeerId,
     ) -> libp2p::core::ConnectedPoint {
+        match self.try_dial_via_circuit(relay_addr, target).await {
+            Ok((endpoint, _)) => endpoint,
+            Err(e) => panic!("relayed dial failed: {e}"),
+        }
+    }
+
+    /// Open a new circuit to `target` (also when connected already); returns the
+    /// connection's endpoint and the limit the circuit announced, or why it failed.
+    pub async fn try_dial_via_circuit(
+        &mut self,
+        relay_addr: &Multiaddr,
+        target: PeerId,
+    ) -> Result<(libp2p::core::ConnectedPoint, SeenLimit), String> {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
         let addr = relay_addr
             .clone()
             .with(Protocol::P2pCircuit)
             .with(Protocol::P2p(target));
-        self.with(move |s| s.dial(addr)).await.unwrap();
-        self.wait("relayed connection", |ev| match ev {
-            SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
-            } if peer_id == target => Some(endpoint),
-            SwarmEvent::OutgoingConnectionError { error, .. } => {
-                panic!("relayed dial failed: {error}")
+        let opts = DialOpts::peer_id(target)
+            .addresses(vec![addr])
+            .condition(PeerCondition::Always)
+            .build();
+        let id = opts.connection_id();
+        self.with(move |s| s.dial(opts)).await.unwrap();
+        let (mut endpoint, mut limit) = (None, None);
+        while endpoint.is_none() || limit.is_none() {
+            match self
+                .wait("relayed connection", |ev| match ev {
+                    SwarmEvent::ConnectionEstablished {
+                        connection_id,
+                        endpoint,
+                        ..
+                    } if connection_id == id => Some(Ok(Ok(endpoint))),
+                    SwarmEvent::Behaviour(ClientBehaviourEvent::RelayClient(
+                        relay::client::Event::OutboundCircuitEstablished { limit, .. },
+                    )) => Some(Ok(Err(limit.map(|l| (l.duration(), l.data_in_bytes()))))),
+                    SwarmEvent::OutgoingConnectionError {
+                        connection_id,
+                        error,
+                        ..
+                    } if connection_id == id => Some(Err(error.to_string())),
+                    _ => None,
+                })
+                .await?
+            {
+                Ok(e) => endpoint = Some(e),
+                Err(l) => limit = Some(l),
             }
+        }
+        Ok((endpoint.unwrap(), limit.flatten()))
+    }
+
+    /// Dial `addr` (ending in /p2p/<peer>): `Ok` once identified, `Err` if the peer
+    /// refuses or closes the connection first.
+    pub async fn try_connect(&mut self, addr: Multiaddr) -> Result<(), String> {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            panic!("{addr} has no /p2p/");
+        };
+        let opts = DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(PeerCondition::Always)
+            .build();
+        let id = opts.connection_id();
+        self.with(move |s| s.dial(opts)).await.expect("dial starts");
+        self.wait("identify or refusal", |ev| match ev {
+            SwarmEvent::Behaviour(ClientBehaviourEvent::Identify(identify::Event::Received {
+                connection_id,
+                ..
+            })) if connection_id == id => Some(Ok(())),
+            SwarmEvent::ConnectionClosed {
+                connection_id,
+                cause,
+                ..
+            } if connection_id == id => Some(Err(format!("closed: {cause:?}"))),
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } if connection_id == id => Some(Err(error.to_string())),
             _ => None,
         })
         .await
