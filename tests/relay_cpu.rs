@@ -37,7 +37,9 @@ async fn relay_cpu_per_gib() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
     let quic = free_udp_port();
-    let relay = RelayBinary::start(&[], &bin, quic, &["--max-circuit-bytes".into(), "0".into()]);
+    // Unshaped: the figure is the relay's CPU per byte, not its rate limit.
+    let unshaped = ["--max-circuit-rate", "0", "--max-relay-rate", "0"].map(String::from);
+    let relay = RelayBinary::start(&[], &bin, quic, &unshaped);
     let peer = relay.peer_id;
     let relay_addr: Multiaddr = format!("/ip4/127.0.0.1/udp/{quic}/quic-v1/p2p/{peer}")
         .parse()
