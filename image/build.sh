@@ -8,10 +8,11 @@
 #   privstack-relay-VERSION-VARIANT.qcow2    (where the variant says QCOW2=yes)
 # with a .sha256 beside each, and DIST/SHA256SUMS is rewritten.
 #
-# Needs root (mmdebstrap --mode=root), the
-# packages image/deps.sh installs, and the relay's release archive for the variant's
-# architecture in DIST (release/build.sh makes it): the relay is installed into the
-# image by that archive's install.sh --root, the same code path as on a VPS.
+# Needs root (mmdebstrap --mode=root), the packages image/deps.sh installs, and the
+# relay's Debian package for the variant's architecture in DIST (release/build.sh makes
+# it): the relay is installed into the image with dpkg, as on a VPS from the apt
+# repository, with that repository preconfigured (its key, and its origin in
+# unattended-upgrades' allowed origins), so the daily upgrade run upgrades the relay too.
 #
 # Environment:
 #   DIST      output directory and where the release archives are (default: dist)
@@ -19,6 +20,10 @@
 #   MIRROR    Debian mirror (default: http://deb.debian.org/debian)
 #   SECURITY_MIRROR  (default: http://deb.debian.org/debian-security)
 #   SUITE     Debian release (default: trixie)
+#   APT_URL   the relay's apt repository (default: $DEFAULT_APT_URL)
+#   APT_KEY   its public key, for signed-by= (default: DIST/apt's, the key that signed
+#             the repository release/build.sh made; the release workflow checks that
+#             it is release/privstack-relay-archive-keyring.pgp)
 #   WORKDIR   scratch space, several GiB (default: a new directory under /var/tmp)
 #   KEEP=1    keep the uncompressed .img in DIST (the boot tests use it)
 #   JOBS      variants built at once (default 1; more only helps with more than two
@@ -33,6 +38,8 @@ DIST=${DIST:-dist}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=${SUITE:-trixie}
+DEFAULT_APT_URL=https://privstack.github.io/privstack-relay/apt
+APT_URL=${APT_URL:-$DEFAULT_APT_URL}
 KEEP=${KEEP:-0}
 JOBS=${JOBS:-1}
 case "$JOBS" in ''|*[!0-9]*) echo "image/build.sh: JOBS=$JOBS is not a number" >&2; exit 1 ;; esac
@@ -48,6 +55,8 @@ if [ $# -eq 0 ]; then
 fi
 mkdir -p "$DIST"
 DIST=$(cd "$DIST" && pwd)
+APT_KEY=${APT_KEY:-$DIST/apt/privstack-relay-archive-keyring.pgp}
+[ -f "$APT_KEY" ] || die "$APT_KEY not found: run release/build.sh first (or set APT_KEY)"
 WORKDIR=${WORKDIR:-$(mktemp -d /var/tmp/privstack-image.XXXXXX)}
 mkdir -p "$WORKDIR"
 
@@ -81,15 +90,16 @@ build_variant() (
     # shellcheck source=/dev/null
     . "$conf"
     local name="privstack-relay-$VERSION-$variant"
-    local archive="$DIST/privstack-relay-$VERSION-$RUST_TARGET.tar.gz"
-    [ -f "$archive" ] || die "$archive not found: run release/build.sh first"
+    local deb="$DIST/privstack-relay_${VERSION}-1_$DEB_ARCH.deb"
+    [ -f "$deb" ] || die "$deb not found: run release/build.sh first"
 
     local work="$WORKDIR/$variant" start=$SECONDS
     rm -rf "$work"
     mkdir -p "$work"
     local root="$work/root"
 
-    export IMAGE_SRC="$SRC" IMAGE_WORK="$work" IMAGE_ARCHIVE="$archive"
+    export IMAGE_SRC="$SRC" IMAGE_WORK="$work" IMAGE_DEB="$deb" IMAGE_APT_URL="$APT_URL" \
+        IMAGE_APT_KEY="$APT_KEY"
     export IMAGE_ROOT_UUID IMAGE_FAT_ID
     IMAGE_ROOT_UUID=$(derived_uuid "$VERSION $variant root")
     IMAGE_FAT_ID=$(printf 'privstack-relay %s %s fat' "$VERSION" "$variant" | sha256sum | cut -c1-8)

@@ -21,6 +21,12 @@ free ports on 127.0.0.1, and checks:
   - the boot partition holds privstack-relay.txt with the peer ID;
   - (x86_64-bios) a bad setting in relay.env leaves the unit failed with exit code 78,
     not restarting, the setting named in the journal; fixed, the relay starts again;
+  - (x86_64-bios) a newer build of the package (the next Debian revision, in a
+    repository signed with release/build.sh's throw-away key, copied into the guest)
+    is installed by unattended-upgrades through the image's own apt source and key:
+    the relay restarts with the same peer ID, relay.env edits kept, no failed units;
+    at the end, apt-get remove stops and disables it, purge keeps the identity key,
+    and the archive's install.sh --apt installs it again from the repository;
   - after a reboot the peer ID is the same and the first-boot unit did not run
     (x86_64-bios and aarch64-uefi only: x86_64-uefi boots the same image as
     x86_64-bios, and qemu's raspi3b loads the kernel itself, so a second boot there
@@ -227,6 +233,18 @@ class Machine:
                 timeout=timeout, check=check)
         return p.stdout.strip()
 
+    def push(self, local: Path, remote: str) -> None:
+        """Copy the directory `local` into the guest as `remote` (tar over SSH)."""
+        tar = subprocess.run(["tar", "-C", str(local), "-cf", "-", "."], capture_output=True,
+                             check=True).stdout
+        p = subprocess.run(["ssh", "-i", str(self.key), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+                            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                            "-o", "LogLevel=ERROR", "root@127.0.0.1",
+                            f"mkdir -p {remote} && tar -C {remote} -xf -"],
+                           input=tar, capture_output=True, timeout=120)
+        if p.returncode != 0:
+            raise CheckFailed(f"copying {local} into the guest failed: {p.stderr.decode().strip()}")
+
     def wait_ssh(self, deadline: float) -> None:
         while True:
             self.alive()
@@ -243,6 +261,100 @@ def check(cond: bool, what: str) -> None:
     if not cond:
         raise CheckFailed(what)
     log(f"  ok: {what}")
+
+
+def newer_repository(tmp: Path) -> tuple[Path, str]:
+    """The amd64 package of DIST rebuilt as the next Debian revision, in an apt
+    repository signed with the throw-away key release/build.sh made (DIST/apt.test-key):
+    what a relay fix looks like to an installed image."""
+    keyring = Path(os.environ.get("APT_TEST_KEYRING", DIST / "apt.test-key"))
+    if not keyring.is_dir():
+        raise CheckFailed(f"{keyring} not found: the upgrade test signs with release/build.sh's "
+                          "throw-away key (build without APT_SIGNING_KEY, or set APT_TEST_KEYRING)")
+    tree = tmp / "newer-deb"
+    shutil.rmtree(tree, ignore_errors=True)
+    run(["dpkg-deb", "-R", str(DIST / f"privstack-relay_{VERSION}-1_amd64.deb"), str(tree)])
+    control = tree / "DEBIAN" / "control"
+    version = f"{VERSION}-2"
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.M))
+    deb = tmp / f"privstack-relay_{version}_amd64.deb"
+    run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)])
+    fpr = [l.split(":")[9] for l in run(["gpg", "--batch", "--with-colons", "--list-secret-keys"],
+                                          env=dict(os.environ, GNUPGHOME=str(keyring))).stdout.splitlines()
+           if l.startswith("fpr:")][0]
+    repo = tmp / "newer-apt"
+    run([str(SRC / "release" / "apt-repo.sh"), str(repo), str(deb)],
+        env=dict(os.environ, GNUPGHOME=str(keyring), APT_SIGNING_FINGERPRINT=fpr))
+    return repo, version
+
+
+def upgrade(m: "Machine", tmp: Path, peer: str, http: int) -> None:
+    """A newer package in the image's own repository reaches the relay through
+    unattended-upgrades, as the daily run would deliver it."""
+    repo, version = newer_repository(tmp)
+    m.push(repo, "/srv/privstack-apt")
+    # The image's own source and key, pointed at the copy; only this source is read
+    # (the guest reaches no mirror from here).
+    m.ssh("mkdir -p /run/apt-test && sed 's#^URIs: .*#URIs: file:/srv/privstack-apt#' "
+          "/etc/apt/sources.list.d/privstack-relay.sources > /run/apt-test/privstack-relay.sources && "
+          "printf 'Dir::Etc::SourceList \"/dev/null\";\\nDir::Etc::SourceParts \"/run/apt-test\";\\n' "
+          "> /run/apt-test.conf")
+    apt_env = "APT_CONFIG=/run/apt-test.conf"
+    before = m.ssh("systemctl show -P MainPID privstack-relay.service")
+    env_before = m.ssh("cat /etc/privstack-relay/relay.env")
+    m.ssh(f"{apt_env} apt-get update -q", timeout=300)
+    out = m.ssh(f"{apt_env} unattended-upgrade -v 2>&1", timeout=600, check=False)
+    now = m.ssh("dpkg-query -W -f '${Version}' privstack-relay")
+    check(now == version, f"unattended-upgrades installed {version} from the signed repository ({now})"
+          + ("" if now == version else f"\n{out}"))
+    again = m.identity(time.monotonic() + BOOT_TIMEOUT)
+    after = m.ssh("systemctl show -P MainPID privstack-relay.service")
+    check(after != before and again["peer_id"] == peer,
+          f"the package restarted the relay (pid {before} -> {after}) with the same peer ID")
+    check(m.ssh("cat /etc/privstack-relay/relay.env") == env_before and f"PORT=\"{m.spec['ports'][0]}\"" in env_before,
+          "relay.env edits kept across the upgrade (a conffile)")
+    failed = m.ssh("systemctl --failed --plain --no-legend")
+    check(failed == "", f"no failed units after the upgrade ({failed!r})")
+
+
+def remove_and_purge(m: "Machine") -> None:
+    """Removing the package stops and disables the relay; purging keeps its identity."""
+    m.ssh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q privstack-relay", timeout=300)
+    state = m.ssh("systemctl is-active privstack-relay.service; "
+                  "test -L /etc/systemd/system/multi-user.target.wants/privstack-relay.service "
+                  "&& echo enabled || echo disabled")
+    check(state.split() in (["inactive", "disabled"], ["failed", "disabled"]),
+          f"apt-get remove stops and disables the relay ({' '.join(state.split())})")
+    m.ssh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q privstack-relay", timeout=300)
+    left = m.ssh("test -f /var/lib/privstack/relay-identity.key && echo key; "
+                 "test -e /etc/privstack-relay/relay.env && echo env; true")
+    check(left == "key", f"apt-get purge removes relay.env and keeps the identity key ({left!r})")
+
+
+def install_apt(m: "Machine", tmp: Path, peer: str) -> None:
+    """The release archive's install.sh --apt: adds the repository (here the copy in
+    the guest, and the test key in place of the project's) and installs the package;
+    the identity kept by the purge gives the same peer ID."""
+    unpacked = tmp / "archive"
+    shutil.rmtree(unpacked, ignore_errors=True)
+    unpacked.mkdir()
+    with tarfile.open(DIST / f"privstack-relay-{VERSION}-x86_64-unknown-linux-musl.tar.gz") as tar:
+        tar.extractall(unpacked, filter="data")
+    top = next(unpacked.iterdir())
+    shutil.copy(tmp / "newer-apt" / "privstack-relay-archive-keyring.pgp",
+                top / "privstack-relay-archive-keyring.pgp")
+    m.push(top, "/root/archive")
+    out = m.ssh("/root/archive/install.sh --apt --apt-url file:/srv/privstack-apt --no-firewall 2>&1",
+                timeout=600, check=False)
+    version = m.ssh("dpkg-query -W -f '${Version}' privstack-relay 2>/dev/null; true")
+    check(version == f"{VERSION}-2", f"install.sh --apt installs the package from the repository "
+          f"({version or 'not installed'})" + ("" if version == f"{VERSION}-2" else f"\n{out}"))
+    # The purge took the provisioned relay.env, so the relay is back on its default
+    # ports, which are not the forwarded ones: ask it from inside.
+    inside = m.ssh("for i in $(seq 30); do python3 -c 'import json, urllib.request as u; "
+                   "print(json.load(u.urlopen(\"http://127.0.0.1:4002/api/v1/identity\", timeout=2))[\"peer_id\"])' "
+                   "2>/dev/null && break; sleep 1; done", timeout=120)
+    check(inside == peer, f"the reinstalled relay runs with the identity the purge kept ({inside!r})")
 
 
 def boot_case(case: str, tmp: Path, relay: Path) -> dict:
@@ -326,6 +438,7 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
             again = m.identity(time.monotonic() + BOOT_TIMEOUT)
             check(again["peer_id"] == peer, "relay.env fixed: the relay starts again")
             m.ssh("systemctl reset-failed")
+            upgrade(m, tmp, peer, m.http)
 
         m.ssh(f"systemd-run --unit=closed-port-test python3 -m http.server {CLOSED_PORT}")
         inside = m.ssh(f"for i in $(seq 20); do python3 -c 'import urllib.request as u; "
@@ -366,6 +479,10 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
             check(again["peer_id"] == peer, "peer ID unchanged after a reboot")
             ran = m.ssh("systemctl show -P ConditionResult privstack-relay-firstboot.service")
             check(ran == "no", "first-boot unit did not run again after the reboot")
+
+        if "ports" in spec:
+            remove_and_purge(m)
+            install_apt(m, tmp, peer)
 
         m.ssh("systemctl poweroff", check=False)
         try:

@@ -15,8 +15,12 @@
 #   IMAGES    yes: also build the appliance images from the new archives
 #             (image/build.sh; needs root and image/deps.sh's tools; default: no)
 #
-# Output per target: privstack-relay-VERSION-TARGET.tar.gz and a .sha256 beside it;
-# one SHA256SUMS for everything in DIST. Builds are reproducible: SOURCE_DATE_EPOCH
+# Output per target: privstack-relay-VERSION-TARGET.tar.gz and a .sha256 beside it,
+# and the Debian package privstack-relay_VERSION-1_ARCH.deb (release/deb.sh); one
+# SHA256SUMS for everything in DIST; DIST/apt, the signed apt repository of the
+# packages (release/apt-repo.sh: APT_SIGNING_KEY or APT_SIGNING_FINGERPRINT name the
+# key, else a throw-away test key signs it). APT=no skips the repository (the release
+# workflow makes it once from every architecture's package). Builds are reproducible: SOURCE_DATE_EPOCH
 # comes from the commit, paths are remapped out of the binary, and the archives have
 # sorted entries, fixed owners, modes and mtimes.
 set -euo pipefail
@@ -119,7 +123,7 @@ package() {
     mkdir -p "$stage/$name/systemd"
     install -m 755 "$TARGET_DIR/$target/release/privstack-relay" "$stage/$name/privstack-relay"
     install -m 755 release/install.sh "$stage/$name/install.sh"
-    install -m 644 README.md LICENSE "$stage/$name/"
+    install -m 644 README.md LICENSE release/privstack-relay-archive-keyring.pgp "$stage/$name/"
     install -m 644 systemd/privstack-relay.service systemd/relay.env \
         systemd/privstack-relay.sysusers systemd/privstack-relay.tmpfiles "$stage/$name/systemd/"
     find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
@@ -128,6 +132,16 @@ package() {
     rm -rf "$stage"
     (cd "$DIST" && sha256sum "$name.tar.gz" > "$name.tar.gz.sha256")
     echo "$DIST/$name.tar.gz"
+    release/deb.sh "$TARGET_DIR/$target/release/privstack-relay" "$(deb_arch "$target")" \
+        "$VERSION" "$DIST"
+}
+
+deb_arch() {
+    case "$1" in
+        x86_64-*) echo amd64 ;;
+        aarch64-*) echo arm64 ;;
+        *) echo "build.sh: no Debian architecture for $1" >&2; exit 1 ;;
+    esac
 }
 
 mkdir -p "$DIST"
@@ -137,6 +151,14 @@ for target in $TARGETS; do
     check_binary "$TARGET_DIR/$target/release/privstack-relay" "$target"
     package "$target"
 done
+
+if [ "${APT:-yes}" = yes ]; then
+    debs=()
+    for target in $TARGETS; do
+        debs+=("$DIST/privstack-relay_${VERSION}-${DEB_REVISION:-1}_$(deb_arch "$target").deb")
+    done
+    release/apt-repo.sh "$DIST/apt" "${debs[@]}"
+fi
 
 if [ "${IMAGES:-no}" = yes ]; then
     DIST="$DIST" VERSION="$VERSION" image/build.sh

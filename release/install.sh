@@ -5,19 +5,26 @@
 #                                     service, open the ports in the active firewall
 #   ./install.sh --root DIR           install into the tree DIR (an image's root file
 #                                     system); starts nothing, touches no firewall
-#   options: --no-start  --no-firewall  --help
+#   sudo ./install.sh --apt           Debian/Ubuntu: add the relay's apt repository
+#                                     (its key from this archive) and install the
+#                                     package from it, so apt upgrades the relay; a
+#                                     tarball install is moved over (relay.env and the
+#                                     identity key stay)
+#   options: --no-start  --no-firewall  --apt-url URL  --help
 #
 # Idempotent: files that are already in place are left alone, an existing
 # /etc/privstack-relay/relay.env is never overwritten, and a second run changes nothing.
 set -eu
 
 usage() {
-    sed -n '2,11s/^# \{0,1\}//p' "$0"
+    sed -n '2,16s/^# \{0,1\}//p' "$0"
 }
 
 ROOT=""
 START=1
 FIREWALL=1
+APT=0
+APT_URL=https://privstack.github.io/privstack-relay/apt
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) [ $# -ge 2 ] || { echo "install.sh: --root needs a directory" >&2; exit 2; }
@@ -25,6 +32,10 @@ while [ $# -gt 0 ]; do
         --root=*) ROOT="${1#--root=}"; shift ;;
         --no-start) START=0; shift ;;
         --no-firewall) FIREWALL=0; shift ;;
+        --apt) APT=1; shift ;;
+        --apt-url) [ $# -ge 2 ] || { echo "install.sh: --apt-url needs a URL" >&2; exit 2; }
+                   APT_URL="$2"; shift 2 ;;
+        --apt-url=*) APT_URL="${1#--apt-url=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -44,6 +55,11 @@ elf_arch() {
 }
 PKG_ARCH=$(elf_arch "$BIN")
 
+if [ "$APT" -eq 1 ] && [ -n "$ROOT" ]; then
+    echo "install.sh: --apt installs on this machine; it does not go with --root" >&2
+    exit 2
+fi
+
 if [ -n "$ROOT" ]; then
     # Building an image for another machine: the host's architecture does not matter.
     mkdir -p "$ROOT"
@@ -62,6 +78,85 @@ else
         echo "install.sh: run as root (sudo ./install.sh), or use --root DIR" >&2
         exit 1
     fi
+fi
+
+# Open the relay's ports in the active firewall, if there is one.
+open_ports() {
+    if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q 'Status: active'; then
+        ufw allow "$QUIC_PORT/udp" >/dev/null
+        ufw allow "$HTTP_PORT/tcp" >/dev/null
+        echo "ufw: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
+    elif command -v firewall-cmd >/dev/null 2>&1 && firewall-cmd --state >/dev/null 2>&1; then
+        firewall-cmd --quiet --permanent --add-port="$QUIC_PORT/udp" --add-port="$HTTP_PORT/tcp"
+        firewall-cmd --quiet --reload
+        echo "firewalld: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
+    elif command -v nft >/dev/null 2>&1 && nft list chain inet filter input >/dev/null 2>&1; then
+        if ! nft list chain inet filter input | grep -q 'comment "privstack-relay"'; then
+            nft add rule inet filter input udp dport "$QUIC_PORT" accept comment '"privstack-relay"'
+            nft add rule inet filter input tcp dport "$HTTP_PORT" accept comment '"privstack-relay"'
+        fi
+        echo "nftables: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp in inet filter input"
+        echo "nftables: add the same rules to /etc/nftables.conf to keep them after a reboot"
+    else
+        echo "no active firewall found (ufw, firewalld, nftables inet filter);"
+        echo "make sure $QUIC_PORT/udp and $HTTP_PORT/tcp are reachable"
+    fi
+}
+
+# --apt: the package from the repository instead of this archive's files. apt picks
+# the architecture; this archive only brings the repository's key.
+if [ "$APT" -eq 1 ]; then
+    command -v apt-get >/dev/null 2>&1 \
+        || { echo "install.sh: --apt needs apt-get (Debian, Ubuntu); run ./install.sh without --apt" >&2; exit 1; }
+    KEY="$HERE/privstack-relay-archive-keyring.pgp"
+    [ -f "$KEY" ] || { echo "install.sh: $KEY not found; run me from the unpacked archive" >&2; exit 1; }
+    install -D -m 644 "$KEY" /etc/apt/keyrings/privstack-relay.pgp
+    cat > /etc/apt/sources.list.d/privstack-relay.sources <<SOURCES
+# privstack-relay's own repository (install.sh --apt)
+Types: deb
+URIs: $APT_URL
+Suites: stable
+Components: main
+Signed-By: /etc/apt/keyrings/privstack-relay.pgp
+SOURCES
+    echo "added the apt source $APT_URL (/etc/apt/sources.list.d/privstack-relay.sources)"
+    # A tarball install's files would shadow the package's (/etc/systemd/system before
+    # /usr/lib/systemd/system, /usr/local/bin before /usr/bin): they go, while
+    # relay.env (kept by dpkg as the local version of its conffile) and the identity
+    # key under /var/lib/privstack stay.
+    OLD="/usr/local/bin/privstack-relay /etc/systemd/system/privstack-relay.service
+/etc/systemd/system/multi-user.target.wants/privstack-relay.service
+/etc/sysusers.d/privstack-relay.conf /etc/tmpfiles.d/privstack-relay.conf"
+    moved=0
+    for f in $OLD; do
+        if [ -e "$f" ] || [ -L "$f" ]; then
+            [ "$moved" -eq 1 ] || systemctl stop privstack-relay.service 2>/dev/null || true
+            rm -f "$f"
+            echo "removed $f (the tarball install's; the package brings its own)"
+            moved=1
+        fi
+    done
+    [ "$moved" -eq 0 ] || systemctl daemon-reload 2>/dev/null || true
+    # Only this source is refreshed here; the daily apt run refreshes all of them.
+    apt-get update -q -o Dir::Etc::SourceParts=- \
+        -o Dir::Etc::SourceList=/etc/apt/sources.list.d/privstack-relay.sources \
+        -o APT::Get::List-Cleanup=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confold \
+        privstack-relay
+    BIN=/usr/bin/privstack-relay
+    if [ "$FIREWALL" -eq 1 ]; then
+        SETTINGS=$("$BIN" check-config --env-file /etc/privstack-relay/relay.env || true)
+        v=$(echo "$SETTINGS" | sed -n 's/^PRIVSTACK_RELAY_PORT=\([0-9][0-9]*\)$/\1/p'); QUIC_PORT=${v:-4001}
+        v=$(echo "$SETTINGS" | sed -n 's/^PRIVSTACK_RELAY_HTTP_PORT=\([0-9][0-9]*\)$/\1/p'); HTTP_PORT=${v:-4002}
+        open_ports
+    fi
+    # The package enabled and started the relay (a first install) or restarted it.
+    sleep 1
+    systemctl --no-pager --lines=0 status privstack-relay.service || true
+    echo "peer ID: $(runuser -u privstack -- "$BIN" keygen \
+        --identity /var/lib/privstack/relay-identity.key 2>/dev/null || echo unknown)"
+    echo "upgrades: apt (unattended-upgrades, if installed, needs the origin allowed: see the README)"
+    exit 0
 fi
 
 CHANGED=0
@@ -152,28 +247,6 @@ if [ -z "$ROOT" ]; then
     QUIC_PORT=$(settings_port PRIVSTACK_RELAY_PORT 4001)
     HTTP_PORT=$(settings_port PRIVSTACK_RELAY_HTTP_PORT 4002)
 fi
-
-open_ports() {
-    if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q 'Status: active'; then
-        ufw allow "$QUIC_PORT/udp" >/dev/null
-        ufw allow "$HTTP_PORT/tcp" >/dev/null
-        echo "ufw: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
-    elif command -v firewall-cmd >/dev/null 2>&1 && firewall-cmd --state >/dev/null 2>&1; then
-        firewall-cmd --quiet --permanent --add-port="$QUIC_PORT/udp" --add-port="$HTTP_PORT/tcp"
-        firewall-cmd --quiet --reload
-        echo "firewalld: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp"
-    elif command -v nft >/dev/null 2>&1 && nft list chain inet filter input >/dev/null 2>&1; then
-        if ! nft list chain inet filter input | grep -q 'comment "privstack-relay"'; then
-            nft add rule inet filter input udp dport "$QUIC_PORT" accept comment '"privstack-relay"'
-            nft add rule inet filter input tcp dport "$HTTP_PORT" accept comment '"privstack-relay"'
-        fi
-        echo "nftables: allowed $QUIC_PORT/udp and $HTTP_PORT/tcp in inet filter input"
-        echo "nftables: add the same rules to /etc/nftables.conf to keep them after a reboot"
-    else
-        echo "no active firewall found (ufw, firewalld, nftables inet filter);"
-        echo "make sure $QUIC_PORT/udp and $HTTP_PORT/tcp are reachable"
-    fi
-}
 
 if [ -z "$ROOT" ]; then
     systemctl daemon-reload

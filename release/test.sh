@@ -5,7 +5,12 @@
 #     the identity API and pass the x86_64 binary's probe (a real QUIC dial, identify
 #     and relay reservation)
 #   - archive names, contents and checksums
+#   - the Debian packages: fields, contents, modes, the same binary, conffile, lintian
+#     without errors; the apt repository's signatures verify with its key and apt
+#     itself (a private apt root, nothing of the host's apt touched) reads, trusts and
+#     downloads from it
 #   - a second build of the same commit from another directory is byte-identical
+#     (archive and .deb)
 #   - install.sh --root places every file with the right modes; a second run changes
 #     nothing
 #   - the systemd unit verifies and its exposure score is under 2.0
@@ -115,6 +120,7 @@ $name/LICENSE
 $name/README.md
 $name/install.sh
 $name/privstack-relay
+$name/privstack-relay-archive-keyring.pgp
 $name/systemd/
 $name/systemd/privstack-relay.service
 $name/systemd/privstack-relay.sysusers
@@ -128,6 +134,78 @@ $name/systemd/relay.env"
     pass "$name.tar.gz: names, contents, owners, modes, checksums"
 done
 
+# --- Debian packages --------------------------------------------------------------
+for t in $X86 $ARM; do
+    case "$t" in x86_64*) arch=amd64 ;; aarch64*) arch=arm64 ;; esac
+    name="privstack-relay_${VERSION}-1_$arch.deb"
+    deb="$DIST/$name"
+    [ -f "$deb" ] || fail "missing $name"
+    grep -q " $name\$" "$DIST/SHA256SUMS" || fail "$name not in SHA256SUMS"
+    [ "$(dpkg-deb -f "$deb" Package Version Architecture)" = "Package: privstack-relay
+Version: ${VERSION}-1
+Architecture: $arch" ] || fail "$name control fields: $(dpkg-deb -f "$deb" Package Version Architecture)"
+    files=$(dpkg-deb -c "$deb" | awk '$6 !~ /\/$/ { print $1, $2, $6 }')
+    expected="-rw-r--r-- root/root ./etc/privstack-relay/relay.env
+-rwxr-xr-x root/root ./usr/bin/privstack-relay
+-rw-r--r-- root/root ./usr/lib/systemd/system/privstack-relay.service
+-rw-r--r-- root/root ./usr/lib/sysusers.d/privstack-relay.conf
+-rw-r--r-- root/root ./usr/lib/tmpfiles.d/privstack-relay.conf
+-rw-r--r-- root/root ./usr/share/doc/privstack-relay/README.md.gz
+-rw-r--r-- root/root ./usr/share/doc/privstack-relay/changelog.Debian.gz
+-rw-r--r-- root/root ./usr/share/doc/privstack-relay/copyright
+-rw-r--r-- root/root ./usr/share/lintian/overrides/privstack-relay"
+    [ "$files" = "$expected" ] || { diff <(echo "$expected") <(echo "$files") || true; fail "$name contents"; }
+    dpkg-deb --fsys-tarfile "$deb" | tar -xOf - ./usr/bin/privstack-relay \
+        | cmp -s - "$TARGET_DIR/$t/release/privstack-relay" || fail "$name holds another binary"
+    dpkg-deb --fsys-tarfile "$deb" | tar -xOf - ./usr/lib/systemd/system/privstack-relay.service \
+        | grep -x 'ExecStart=/usr/bin/privstack-relay --identity /var/lib/privstack/relay-identity.key' >/dev/null \
+        || fail "$name: the unit does not start /usr/bin/privstack-relay"
+    mkdir -p "$WORK/ctrl-$arch"
+    dpkg-deb -e "$deb" "$WORK/ctrl-$arch"
+    [ "$(cat "$WORK/ctrl-$arch/conffiles")" = /etc/privstack-relay/relay.env ] || fail "$name conffiles"
+    for script in postinst prerm postrm; do
+        sh -n "$WORK/ctrl-$arch/$script" || fail "$name: $script does not parse"
+    done
+    # lintian: no errors (the one warning left, no-manual-page, is in the README).
+    lintian --fail-on error --tag-display-limit 0 "$deb" >"$WORK/lintian-$arch" 2>&1 \
+        || { cat "$WORK/lintian-$arch"; fail "lintian reports errors for $name"; }
+    pass "$name: fields, contents, modes, the release binary, conffile, lintian ($(grep -c '^W:' "$WORK/lintian-$arch") warnings)"
+done
+
+# --- the apt repository: signatures, indexes, and apt itself reading it --------------
+APT="$DIST/apt"
+KEYRING="$APT/privstack-relay-archive-keyring.pgp"
+for f in dists/stable/InRelease dists/stable/Release dists/stable/Release.gpg "${KEYRING#"$APT/"}"; do
+    [ -f "$APT/$f" ] || fail "apt repository: missing $f"
+done
+gpgv --keyring "$KEYRING" "$APT/dists/stable/InRelease" 2>/dev/null || fail "InRelease does not verify"
+gpgv --keyring "$KEYRING" "$APT/dists/stable/Release.gpg" "$APT/dists/stable/Release" 2>/dev/null \
+    || fail "Release.gpg does not verify"
+grep -q '^Origin: PrivStack$' "$APT/dists/stable/Release" && grep -q '^Label: privstack-relay$' "$APT/dists/stable/Release" \
+    || fail "Release lacks the Origin/Label unattended-upgrades matches"
+aptroot="$WORK/aptroot"
+mkdir -p "$aptroot/etc/apt/sources.list.d" "$aptroot/etc/apt/preferences.d" \
+    "$aptroot/var/lib/apt/lists/partial" "$aptroot/var/cache/apt/archives/partial" "$aptroot/var/lib/dpkg"
+: > "$aptroot/var/lib/dpkg/status"
+for arch in amd64 arm64; do
+    cat > "$aptroot/etc/apt/sources.list" <<SOURCES
+deb [arch=$arch signed-by=$KEYRING] file:$APT stable main
+SOURCES
+    aptopts=(-o "Dir=$aptroot" -o "Dir::State::status=$aptroot/var/lib/dpkg/status"
+             -o "APT::Architecture=$arch" -o "APT::Architectures=$arch" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root"
+             -o "Dir::Etc::trusted=/dev/null" -o "Dir::Etc::trustedparts=$aptroot/none")
+    rm -rf "$aptroot/var/lib/apt/lists/"*_* "$aptroot/var/cache/apt/archives/"*.deb
+    apt-get "${aptopts[@]}" -q update >"$WORK/apt-$arch" 2>&1 || { cat "$WORK/apt-$arch"; fail "apt-get update ($arch)"; }
+    grep -qiE '^(W|E):' "$WORK/apt-$arch" && { cat "$WORK/apt-$arch"; fail "apt-get update ($arch) warned"; }
+    cand=$(apt-cache "${aptopts[@]}" policy privstack-relay | sed -n 's/^  Candidate: //p')
+    [ "$cand" = "${VERSION}-1" ] || fail "apt sees privstack-relay $cand for $arch, not ${VERSION}-1"
+    (cd "$aptroot/var/cache/apt/archives" && apt-get "${aptopts[@]}" -q download privstack-relay >"$WORK/apt-dl-$arch" 2>&1) \
+        || { cat "$WORK/apt-dl-$arch"; fail "apt-get download ($arch)"; }
+    cmp -s "$aptroot/var/cache/apt/archives/privstack-relay_${VERSION}-1_$arch.deb" "$DIST/privstack-relay_${VERSION}-1_$arch.deb" \
+        || fail "apt downloaded another $arch package"
+done
+pass "apt repository: InRelease and Release.gpg verify with its key; apt-get update, policy and download ($VERSION-1, amd64 and arm64)"
+
 # --- reproducibility: the same commit built again from another directory ----------
 if [ "${SKIP_REPRO:-0}" != 1 ]; then
     git clone -q "$SRC" "$WORK/elsewhere"
@@ -136,7 +214,9 @@ if [ "${SKIP_REPRO:-0}" != 1 ]; then
         || { tail -30 "$WORK/repro.log"; fail "second build failed"; }
     name="privstack-relay-$VERSION-$X86.tar.gz"
     cmp "$DIST/$name" "$WORK/dist2/$name" || fail "$name is not reproducible"
-    pass "$name is byte-identical when rebuilt from $WORK/elsewhere"
+    deb="privstack-relay_${VERSION}-1_amd64.deb"
+    cmp "$DIST/$deb" "$WORK/dist2/$deb" || fail "$deb is not reproducible"
+    pass "$name and $deb are byte-identical when rebuilt from $WORK/elsewhere"
 fi
 
 # --- install.sh --root ----------------------------------------------------------

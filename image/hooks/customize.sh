@@ -12,11 +12,22 @@ if [ -d "$IMAGE_SRC/image/rootfs-$BOOT" ]; then
     cp -r --preserve=mode "$IMAGE_SRC/image/rootfs-$BOOT/." "$ROOT/"
 fi
 
-# The relay, installed exactly as on a VPS.
-tmp=$(mktemp -d)
-tar -xzf "$IMAGE_ARCHIVE" -C "$tmp"
-"$tmp"/privstack-relay-*/install.sh --root "$ROOT"
-rm -rf "$tmp"
+# The relay's package, as on a VPS (its maintainer scripts create the user and state
+# directory and enable the unit without a running systemd), and the repository it
+# comes from: unattended-upgrades takes the relay's updates from there
+# (52privstack-relay-upgrades allows its origin) and the package restarts the relay.
+cp "$IMAGE_DEB" "$ROOT/tmp/privstack-relay.deb"
+in_root dpkg -i /tmp/privstack-relay.deb
+rm "$ROOT/tmp/privstack-relay.deb"
+install -D -m 644 "$IMAGE_APT_KEY" "$ROOT/etc/apt/keyrings/privstack-relay.pgp"
+cat > "$ROOT/etc/apt/sources.list.d/privstack-relay.sources" <<SOURCES
+# privstack-relay's own repository (image/hooks/customize.sh)
+Types: deb
+URIs: $IMAGE_APT_URL
+Suites: stable
+Components: main
+Signed-By: /etc/apt/keyrings/privstack-relay.pgp
+SOURCES
 
 # Services: networkd (with wait-online), resolved, timesyncd, nftables, the relay and
 # its first-boot unit; SSH only when first boot finds authorized_keys.
