@@ -29,7 +29,13 @@ TOOLS = os.path.join(ROOT, "target", "bench-tools")
 LIBP2P_SERVER_VERSION = "0.13.0"
 MARK_BEGIN, MARK_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 # Scenarios libp2p-server runs but cannot do: only their failure rows show its figures.
-RUNS_BUT_CANNOT = {"dht": "acknowledges puts but stores nothing (its Kademlia record TTL is 0)"}
+RUNS_BUT_CANNOT = {"dht": "acknowledges puts but stores nothing (its Kademlia record TTL is 0)",
+                   "fleet-2000": "stores no records, so every get fails",
+                   "fleet-20000": "stores no records, so every get fails"}
+# Of those, the figures that do not depend on stored records (connections held, memory,
+# packets), shown for libp2p-server too.
+STILL_SHOWN = {"failures", "online", "rss_per_device_kib", "rss_after_vs_idle",
+               "rest_packets_per_device_min", "rest_cpu_s_per_device_hour"}
 
 
 def log(*a):
@@ -211,6 +217,13 @@ FULL = [
      [], True),
     # One host floods reservations while honest hosts reserve: the relay's real per-host
     # caps, not HOST_CAPS_OFF.
+    # Today's PrivStack devices (SPEC §3): one QUIC connection each, a get and a put of
+    # sync-group records every 30 s; what sizes the relay per connected device.
+    ("fleet-2000", ["fleet", "--clients", "2000", "--concurrency", "64", "--period", "30",
+                    "--seconds", "60", "--rest", "20", "--settle", "60"], [], True),
+    ("fleet-20000", ["fleet", "--clients", "20000", "--concurrency", "64", "--period", "30",
+                     "--seconds", "60", "--rest", "20", "--settle", "60"],
+     ["--max-connections", "24000"], True),
     ("flood", ["flood", "--clients", "400", "--concurrency", "64"],
      ["--max-connections-per-host", "256", "--max-reservations-per-host", "64",
       "--max-connections-per-network", "1024", "--max-reservations-per-network", "256"],
@@ -224,6 +237,8 @@ SMOKE = [
     ("bulk", ["bulk", "--mib", "16"], []),
     ("dht", ["dht", "--clients", "5", "--records", "20", "--gets", "10"], []),
     ("churn", ["churn", "--concurrency", "4", "--seconds", "3", "--settle", "5"], []),
+    ("fleet", ["fleet", "--clients", "20", "--concurrency", "8", "--period", "2",
+               "--seconds", "5", "--rest", "2", "--settle", "3"], []),
 ]
 
 
@@ -324,6 +339,36 @@ ROWS = [
     ("Churn: RSS 60 s after", "churn", "rss_after_mib", "MiB", "{:.1f}", False, ""),
     ("Churn: RSS after / idle", "churn", "rss_after_vs_idle", "", "{:.3f}", False, "≤ 1.10"),
     ("Churn: failures", "churn", "failures", "", "{:.0f}", False, "0"),
+    ("Fleet, 2,000 devices: online", "fleet-2000", "online", "", "{:.0f}", True, "2,000"),
+    ("Fleet, 2,000: get + put per s", "fleet-2000", "ops_per_s", "/s", "{:.0f}", True, ""),
+    ("Fleet, 2,000: put p99", "fleet-2000", "put_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+    ("Fleet, 2,000: get p99", "fleet-2000", "get_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+    ("Fleet, 2,000: RSS per connected device", "fleet-2000", "rss_per_device_kib", "KiB", "{:.1f}",
+     False, "≤ 40 KiB"),
+    ("Fleet, 2,000: relay CPU per 1,000 operations", "fleet-2000", "cpu_s_per_1000_ops", "s",
+     "{:.3f}", False, ""),
+    ("Fleet, 2,000: relay CPU per device-hour", "fleet-2000", "cpu_s_per_device_hour", "s",
+     "{:.2f}", False, ""),
+    ("Fleet, 2,000: packets per device per minute at rest", "fleet-2000",
+     "rest_packets_per_device_min", "", "{:.1f}", False, ""),
+    ("Fleet, 2,000: RSS after / idle (devices gone)", "fleet-2000", "rss_after_vs_idle", "",
+     "{:.3f}", False, "≤ 1.10"),
+    ("Fleet, 2,000: failures", "fleet-2000", "failures", "", "{:.0f}", False, "0"),
+    ("Fleet, 20,000 devices: online", "fleet-20000", "online", "", "{:.0f}", True, "20,000"),
+    ("Fleet, 20,000: get + put per s", "fleet-20000", "ops_per_s", "/s", "{:.0f}", True, ""),
+    ("Fleet, 20,000: put p99", "fleet-20000", "put_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+    ("Fleet, 20,000: get p99", "fleet-20000", "get_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+    ("Fleet, 20,000: RSS per connected device", "fleet-20000", "rss_per_device_kib", "KiB", "{:.1f}",
+     False, "≤ 40 KiB"),
+    ("Fleet, 20,000: relay CPU per 1,000 operations", "fleet-20000", "cpu_s_per_1000_ops", "s",
+     "{:.3f}", False, ""),
+    ("Fleet, 20,000: relay CPU per device-hour", "fleet-20000", "cpu_s_per_device_hour", "s",
+     "{:.2f}", False, ""),
+    ("Fleet, 20,000: packets per device per minute at rest", "fleet-20000",
+     "rest_packets_per_device_min", "", "{:.1f}", False, ""),
+    ("Fleet, 20,000: RSS after / idle (devices gone)", "fleet-20000", "rss_after_vs_idle", "",
+     "{:.3f}", False, "≤ 1.10"),
+    ("Fleet, 20,000: failures", "fleet-20000", "failures", "", "{:.0f}", False, "0"),
     ("Flood, 400 clients of one host: reserved", "flood", "flood_reserved", "", "{:.0f}", True,
      "≤ 64"),
     ("Flood: honest clients failed (of 50)", "flood", "failures", "", "{:.0f}", True, "0"),
@@ -352,7 +397,7 @@ def table(results):
         a = [r.get(key, {}).get(field) for r in ours]
         if key in cannot:
             b_cell, ratio = f"cannot: {cannot[key]}", ""
-        elif key in RUNS_BUT_CANNOT and field != "failures":
+        elif key in RUNS_BUT_CANNOT and field not in STILL_SHOWN:
             b_cell, ratio = f"cannot: {RUNS_BUT_CANNOT[key]}", ""
         elif key == "wrk":
             b_cell, ratio = "cannot: no identity API", ""

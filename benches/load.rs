@@ -22,6 +22,12 @@
 //! - `flood`: `--clients` clients of one host (one address) reserve, `--concurrency` at a
 //!   time, while 50 honest clients, each its own host, reserve too; reports what the
 //!   flood got and the honest clients' failures and latency.
+//! - `fleet`: the workload of today's PrivStack devices (SPEC §3). `--clients` devices
+//!   (no relay client, Kademlia server mode) connect, `--concurrency` at a time, and
+//!   store their sync-group record (pairs of devices share a code); then for
+//!   `--seconds` each does, every `--period` seconds, a `get_record` of its group and a
+//!   `put_record` of its own; then all hold their connections `--rest` seconds (packets
+//!   counted) and leave, and the relay's RSS is followed for `--settle` seconds.
 //!
 //! With `--pid`, the relay's RSS and CPU seconds are read from /proc. Progress goes to
 //! stderr; the last line on stdout is one JSON object with the figures, which
@@ -64,6 +70,7 @@ enum Scenario {
     Dht,
     Churn,
     Flood,
+    Fleet,
 }
 
 #[derive(Parser, Debug)]
@@ -102,14 +109,21 @@ struct Args {
     /// dht: records each client reads back.
     #[arg(long, default_value_t = 50)]
     gets: usize,
-    /// churn: seconds of connect/reserve/disconnect.
+    /// churn: seconds of connect/reserve/disconnect; fleet: seconds of operations.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// fleet: seconds between one device's rounds (a get, then a put), as PrivStack's 30.
+    #[arg(long, default_value_t = 30)]
+    period: u64,
+    /// fleet: seconds at rest after the operations (connections held, nothing asked),
+    /// over which the packets per device are counted.
+    #[arg(long, default_value_t = 20)]
+    rest: u64,
     /// churn: rounds of `--seconds` each; the relay's RSS is read after every round, so
     /// memory that grows with the number of peers ever seen shows as a rising series.
     #[arg(long, default_value_t = 1)]
     rounds: u32,
-    /// churn: seconds to wait for the relay's RSS to come back within 10% of idle.
+    /// churn, fleet: seconds to wait for the relay's RSS to come back within 10% of idle.
     #[arg(long, default_value_t = 60)]
     settle: u64,
     /// First client address; clients count up from the next address.
@@ -125,7 +139,7 @@ struct Args {
 
 #[derive(NetworkBehaviour)]
 struct Client {
-    relay: relay::client::Behaviour,
+    relay: Toggle<relay::client::Behaviour>,
     identify: identify::Behaviour,
     kad: Toggle<kad::Behaviour<MemoryStore>>,
     stream: libp2p_stream::Behaviour,
@@ -149,26 +163,53 @@ impl Relay {
     }
 }
 
+/// What a load client runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A circuit relay client (reservations, circuits, churn, flood).
+    Relay,
+    /// A relay client that also asks the relay's Kademlia (dht).
+    Dht,
+    /// A PrivStack device as shipped (SPEC §3): no relay client, Kademlia in server
+    /// mode, identify `/privstack/sync/1.0.0` with its listen addresses (fleet).
+    Device,
+}
+
 /// A client listening on its own loopback address (dials to the relay leave from it).
-async fn client(ip: Ipv4Addr, with_kad: bool) -> Result<Swarm<Client>> {
+async fn client(ip: Ipv4Addr, kind: Kind) -> Result<Swarm<Client>> {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay| {
             let id = key.public().to_peer_id();
-            let kad = with_kad.then(|| {
+            let kad = (kind != Kind::Relay).then(|| {
                 let mut cfg = kad::Config::new(kad::PROTOCOL_NAME);
+                // Devices bootstrap every 5 min; a walk would dial other devices, which
+                // behind their NATs they cannot, so the fleet leaves it out.
                 cfg.set_periodic_bootstrap_interval(None);
+                cfg.set_query_timeout(Duration::from_secs(60));
                 let mut k = kad::Behaviour::with_config(id, MemoryStore::new(id), cfg);
-                // Records live on the relay; clients only ask.
-                k.set_mode(Some(kad::Mode::Client));
+                // dht: records live on the relay and clients only ask; devices force
+                // server mode, as PrivStack does even behind a NAT.
+                k.set_mode(Some(if kind == Kind::Device {
+                    kad::Mode::Server
+                } else {
+                    kad::Mode::Client
+                }));
                 k
             });
+            let protocol = if kind == Kind::Device {
+                "/privstack/sync/1.0.0"
+            } else {
+                "/privstack/1.0.0"
+            };
             Client {
-                relay,
+                // The transport is there either way (it is invisible to the relay); a
+                // device has no relay client behaviour, so none is announced.
+                relay: (kind != Kind::Device).then_some(relay).into(),
                 identify: identify::Behaviour::new(identify::Config::new(
-                    "/privstack/1.0.0".into(),
+                    protocol.into(),
                     key.public(),
                 )),
                 kad: kad.into(),
@@ -492,7 +533,7 @@ fn hold_clients(
         tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
             let setup = async {
-                let mut swarm = client(addrs.take(), false).await?;
+                let mut swarm = client(addrs.take(), Kind::Relay).await?;
                 let t = Instant::now();
                 connect(&mut swarm, &relay).await?;
                 reserve(&mut swarm, &relay).await?;
@@ -783,7 +824,7 @@ async fn circuits(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
             let setup = async {
-                let mut swarm = client(addrs.take(), false).await?;
+                let mut swarm = client(addrs.take(), Kind::Relay).await?;
                 connect(&mut swarm, &relay).await?;
                 reserve(&mut swarm, &relay).await?;
                 anyhow::Ok(swarm)
@@ -826,7 +867,7 @@ async fn circuits(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         tasks.push(tokio::spawn(async move {
             let permit = setup_gate.acquire_owned().await.unwrap();
             let setup = async {
-                let mut swarm = client(addrs.take(), false).await?;
+                let mut swarm = client(addrs.take(), Kind::Relay).await?;
                 connect(&mut swarm, &relay).await?;
                 anyhow::Ok(swarm)
             };
@@ -934,7 +975,7 @@ async fn timed_transfer(
 async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let addrs = Addrs::new(args.ip_base);
     let bytes = args.mib << 20;
-    let mut a = client(addrs.take(), false).await?;
+    let mut a = client(addrs.take(), Kind::Relay).await?;
     connect(&mut a, relay).await?;
     reserve(&mut a, relay).await?;
     let a_id = *a.local_peer_id();
@@ -945,7 +986,7 @@ async fn bulk(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         .context("listener address")?
         .with(Protocol::P2p(a_id));
     let a_task = tokio::spawn(serve(a));
-    let mut b = client(addrs.take(), false).await?;
+    let mut b = client(addrs.take(), Kind::Relay).await?;
     connect(&mut b, relay).await?;
 
     // Direct: the physical limit of this machine for two QUIC peers.
@@ -1094,7 +1135,7 @@ async fn dht(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             let permit = gate.acquire_owned().await.unwrap();
             let ip = addrs.take();
             let setup = async {
-                let mut swarm = client(ip, true).await?;
+                let mut swarm = client(ip, Kind::Dht).await?;
                 connect(&mut swarm, &relay).await?;
                 anyhow::Ok(swarm)
             };
@@ -1210,7 +1251,7 @@ async fn churn(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             workers.push(tokio::spawn(async move {
                 while Instant::now() < deadline {
                     let cycle = async {
-                        let mut swarm = client(addrs.take(), false).await?;
+                        let mut swarm = client(addrs.take(), Kind::Relay).await?;
                         connect(&mut swarm, &relay).await?;
                         reserve(&mut swarm, &relay).await?;
                         disconnect(&mut swarm, relay.peer).await
@@ -1268,6 +1309,246 @@ async fn churn(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     Ok(out)
 }
 
+/// UDP datagrams received in this network namespace (`/proc/net/snmp`), all of them to
+/// or from the relay when only the fleet runs here (compare.py's namespace): each packet
+/// between a device and the relay is received once, so this counts the relay's packets
+/// in both directions.
+fn udp_datagrams_in() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let at = names.iter().position(|n| *n == "InDatagrams")?;
+    values.get(at)?.parse().ok()
+}
+
+/// Drive the swarm for `d`; an error if the connection to the relay closes meanwhile.
+async fn hold_for(swarm: &mut Swarm<Client>, relay: &Relay, d: Duration) -> Result<()> {
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return Ok(()),
+            ev = swarm.select_next_some() => if let SwarmEvent::ConnectionClosed {
+                peer_id, num_established: 0, cause, ..
+            } = ev && peer_id == relay.peer {
+                bail!("relay connection closed: {cause:?}");
+            }
+        }
+    }
+}
+
+/// One device's figures, sent when it leaves.
+#[derive(Default)]
+struct DeviceReport {
+    puts: Vec<f64>,
+    gets: Vec<f64>,
+}
+
+async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let n = args.clients;
+    let period = Duration::from_secs(args.period.max(1));
+    let idle = sample(args.pid);
+    let addrs = Arc::new(Addrs::new(args.ip_base));
+    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let failures = Arc::new(Failures::default());
+    // Phases: 0 connecting, 1 operations, 2 rest, 3 leave.
+    let (phase_tx, phase) = watch::channel(0u8);
+    let (conn_tx, mut connected) = mpsc::unbounded_channel::<Option<f64>>();
+    let (report_tx, mut reports) = mpsc::unbounded_channel::<DeviceReport>();
+    let run = format!("{:x}", rand::random::<u64>());
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (relay, addrs, gate, failures, run) = (
+            relay.clone(),
+            addrs.clone(),
+            gate.clone(),
+            failures.clone(),
+            run.clone(),
+        );
+        let (mut phase, conn_tx, report_tx) = (phase.clone(), conn_tx.clone(), report_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut report = DeviceReport::default();
+            let permit = gate.acquire_owned().await.unwrap();
+            let ip = addrs.take();
+            // Pairs of devices share a sync code, so each reads its partner's record.
+            let code = format!("fleet-{run}-{}", i / 2);
+            let name = format!("device-{i}");
+            let lan = Multiaddr::empty()
+                .with(Protocol::Ip4(ip))
+                .with(Protocol::Udp(4001))
+                .with(Protocol::QuicV1);
+            let setup = async {
+                let mut swarm = client(ip, Kind::Device).await?;
+                let t = Instant::now();
+                connect(&mut swarm, &relay).await?;
+                let took = ms(t.elapsed());
+                // Online: the device stores its record once before the rounds start.
+                put(&mut swarm, &relay, record(&code, &name, &lan)).await?;
+                anyhow::Ok((swarm, took))
+            };
+            let mut swarm = match setup.await {
+                Ok((swarm, took)) => {
+                    let _ = conn_tx.send(Some(took));
+                    swarm
+                }
+                Err(e) => {
+                    failures.add("setup", &e);
+                    let _ = conn_tx.send(None);
+                    let _ = report_tx.send(report);
+                    return;
+                }
+            };
+            drop(permit);
+            let sent = std::sync::atomic::AtomicBool::new(false);
+            let held = async {
+                tokio::select! {
+                    _ = phase.wait_for(|p| *p >= 1) => {}
+                    r = hold_for(&mut swarm, &relay, Duration::MAX) => r?,
+                }
+                // Spread the rounds over one period, as devices that came online at
+                // different times are.
+                let jitter = period.mul_f64(rand::random::<f64>());
+                hold_for(&mut swarm, &relay, jitter).await?;
+                let key = record(&code, "", &lan).key;
+                while *phase.borrow() < 2 {
+                    let next = Instant::now() + period;
+                    let t = Instant::now();
+                    match get(&mut swarm, key.clone()).await {
+                        Ok(()) => report.gets.push(ms(t.elapsed())),
+                        Err(e) => failures.add("get", &e),
+                    }
+                    let t = Instant::now();
+                    match put(&mut swarm, &relay, record(&code, &name, &lan)).await {
+                        Ok(()) => report.puts.push(ms(t.elapsed())),
+                        Err(e) => failures.add("put", &e),
+                    }
+                    let wait = next.saturating_duration_since(Instant::now());
+                    tokio::select! {
+                        _ = phase.wait_for(|p| *p >= 2) => {}
+                        r = hold_for(&mut swarm, &relay, wait) => r?,
+                    }
+                }
+                let _ = report_tx.send(std::mem::take(&mut report));
+                sent.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    _ = phase.wait_for(|p| *p >= 3) => {}
+                    r = hold_for(&mut swarm, &relay, Duration::MAX) => r?,
+                }
+                anyhow::Ok(())
+            };
+            if let Err(e) = held.await {
+                failures.add("hold", &e);
+                if !sent.load(Ordering::Relaxed) {
+                    let _ = report_tx.send(report);
+                }
+            }
+        }));
+    }
+    drop((conn_tx, report_tx));
+    let mut setup = Vec::with_capacity(n);
+    for k in 1..=n {
+        if let Some(Some(took)) = connected.recv().await {
+            setup.push(took);
+        }
+        if k % 1000 == 0 {
+            eprintln!(
+                "{k}/{n} devices online ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let online = setup.len();
+    let connect_s = t0.elapsed().as_secs_f64();
+    eprintln!("{online} of {n} devices online in {connect_s:.1} s");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_n = sample(args.pid);
+    let _ = phase_tx.send(1);
+    let t_ops = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let _ = phase_tx.send(2);
+    let mut puts = Vec::new();
+    let mut gets = Vec::new();
+    for _ in 0..n {
+        let Some(r) = reports.recv().await else { break };
+        puts.extend(r.puts);
+        gets.extend(r.gets);
+    }
+    let ops_s = t_ops.elapsed().as_secs_f64();
+    let after_ops = sample(args.pid);
+    let ops = puts.len() + gets.len();
+    eprintln!(
+        "{ops} operations in {ops_s:.1} s; at rest for {} s",
+        args.rest
+    );
+    let (rest_start, pk0) = (sample(args.pid), udp_datagrams_in());
+    tokio::time::sleep(Duration::from_secs(args.rest)).await;
+    let (rest_end, pk1) = (sample(args.pid), udp_datagrams_in());
+    let _ = phase_tx.send(3);
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Devices gone: follow the relay's RSS back towards idle.
+    let mut rss_after = None;
+    if let Some(idle) = idle {
+        let until = Instant::now() + Duration::from_secs(args.settle);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rss_after = sample(args.pid);
+            let back = rss_after.is_some_and(|a| a.rss_kib as f64 <= idle.rss_kib as f64 * 1.10);
+            if back || Instant::now() >= until {
+                break;
+            }
+        }
+    }
+    let ((setup_p50, setup_p99), (put_p50, put_p99), (get_p50, get_p99)) =
+        (percentiles(setup), percentiles(puts), percentiles(gets));
+    let mut out = json!({
+        "devices": n,
+        "online": online,
+        "connect_s": connect_s,
+        "operations": ops,
+        "ops_per_s": ops as f64 / ops_s,
+        "failures": failures.count(),
+        "errors": failures.json(),
+        "setup_p50_ms": setup_p50,
+        "setup_p99_ms": setup_p99,
+        "put_p50_ms": put_p50,
+        "put_p99_ms": put_p99,
+        "get_p50_ms": get_p50,
+        "get_p99_ms": get_p99,
+    });
+    if let (Some(a), Some(b)) = (pk0, pk1) {
+        let per_s = (b - a) as f64 / args.rest.max(1) as f64;
+        out["rest_packets_per_s"] = json!(per_s);
+        out["rest_packets_per_device_min"] = json!(per_s * 60.0 / online.max(1) as f64);
+    }
+    if let (Some(idle), Some(at_n), Some(after_ops), Some(r0), Some(r1)) =
+        (idle, at_n, after_ops, rest_start, rest_end)
+    {
+        out["rss_idle_kib"] = json!(idle.rss_kib);
+        out["rss_at_n_kib"] = json!(at_n.rss_kib);
+        out["rss_after_ops_kib"] = json!(after_ops.rss_kib);
+        out["rss_per_device_kib"] =
+            json!((at_n.rss_kib as f64 - idle.rss_kib as f64) / online.max(1) as f64);
+        let cpu_ops = after_ops.cpu_s - at_n.cpu_s;
+        out["cpu_s_per_1000_ops"] = json!(cpu_ops * 1000.0 / ops.max(1) as f64);
+        out["cpu_s_per_device_hour"] = json!(cpu_ops / (online.max(1) as f64 * ops_s / 3600.0));
+        out["rest_cpu_s_per_device_hour"] = json!(
+            (r1.cpu_s - r0.cpu_s) / (online.max(1) as f64 * args.rest.max(1) as f64 / 3600.0)
+        );
+        if let Some(a) = rss_after {
+            out["rss_after_kib"] = json!(a.rss_kib);
+            out["rss_after_vs_idle"] = json!(a.rss_kib as f64 / idle.rss_kib.max(1) as f64);
+        }
+    }
+    Ok(out)
+}
+
 /// Thousands of clients mean thousands of sockets (a few per client): lift the
 /// descriptor limit, past the hard limit where allowed (root), else to the hard limit.
 fn raise_fd_limit() {
@@ -1316,6 +1597,7 @@ fn main() -> Result<()> {
             Scenario::Dht => dht(&args, &relay).await,
             Scenario::Churn => churn(&args, &relay).await,
             Scenario::Flood => flood(&args, &relay).await,
+            Scenario::Fleet => fleet(&args, &relay).await,
         }
     })?;
     let failures = out["failures"].as_u64().unwrap_or(0);
