@@ -23,7 +23,8 @@
 //!   time, while 50 honest clients, each its own host, reserve too; reports what the
 //!   flood got and the honest clients' failures and latency.
 //! - `fleet`: the workload of today's PrivStack devices (SPEC §3). `--clients` devices
-//!   (no relay client, Kademlia server mode) connect, `--concurrency` at a time, and
+//!   (no relay client, Kademlia server mode, identify without listen addresses, as the
+//!   relay sees a device behind a NAT) connect, `--concurrency` at a time, and
 //!   store their sync-group record (pairs of devices share a code); then for
 //!   `--seconds` each does, every `--period` seconds, a `get_record` of its group and a
 //!   `put_record` of its own; then all hold their connections `--rest` seconds (packets
@@ -204,19 +205,29 @@ async fn client(ip: Ipv4Addr, kind: Kind) -> Result<Swarm<Client>> {
             } else {
                 "/privstack/1.0.0"
             };
+            // A device's identify hides its listen address: behind its NAT a device
+            // announces LAN addresses from an internet connection, which the relay never
+            // hands out (README, "Routing policy"); here its loopback address would be
+            // handed to every other device, and devices would dial each other.
+            let identify = identify::Config::new(protocol.into(), key.public())
+                .with_hide_listen_addrs(kind == Kind::Device);
             Client {
                 // The transport is there either way (it is invisible to the relay); a
                 // device has no relay client behaviour, so none is announced.
                 relay: (kind != Kind::Device).then_some(relay).into(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    protocol.into(),
-                    key.public(),
-                )),
+                identify: identify::Behaviour::new(identify),
                 kad: kad.into(),
                 stream: libp2p_stream::Behaviour::new(),
             }
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .with_swarm_config(|c| {
+            // A device keeps its one connection to the relay for as long as it is online.
+            c.with_idle_connection_timeout(if kind == Kind::Device {
+                Duration::from_secs(24 * 3600)
+            } else {
+                Duration::from_secs(60)
+            })
+        })
         .build();
     let addr = Multiaddr::empty()
         .with(Protocol::Ip4(ip))
