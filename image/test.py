@@ -283,8 +283,13 @@ def newer_repository(tmp: Path) -> tuple[Path, str]:
                                           env=dict(os.environ, GNUPGHOME=str(keyring))).stdout.splitlines()
            if l.startswith("fpr:")][0]
     repo = tmp / "newer-apt"
-    run([str(SRC / "release" / "apt-repo.sh"), str(repo), str(deb)],
-        env=dict(os.environ, GNUPGHOME=str(keyring), APT_SIGNING_FINGERPRINT=fpr))
+    gpg_env = dict(os.environ, GNUPGHOME=str(keyring))
+    try:
+        run([str(SRC / "release" / "apt-repo.sh"), str(repo), str(deb)],
+            env=dict(gpg_env, APT_SIGNING_FINGERPRINT=fpr))
+    finally:
+        # Signing started gpg's agent for that keyring; nothing of the test stays running.
+        run(["gpgconf", "--kill", "gpg-agent"], env=gpg_env, check=False)
     return repo, version
 
 
