@@ -293,6 +293,28 @@ def wrk(paths):
 
 # ----- table -----------------------------------------------------------------------------
 
+def fleet_rows(n, label):
+    """The table rows of the fleet-N scenario (N devices, written `label`)."""
+    k = f"fleet-{n}"
+    return [
+        (f"Fleet, {label} devices: online", k, "online", "", "{:.0f}", True, label),
+        (f"Fleet, {label}: get + put per s", k, "ops_per_s", "/s", "{:.0f}", True, ""),
+        (f"Fleet, {label}: put p99", k, "put_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+        (f"Fleet, {label}: get p99", k, "get_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
+        (f"Fleet, {label}: RSS per connected device", k, "rss_per_device_kib", "KiB", "{:.1f}",
+         False, "≤ 40 KiB"),
+        (f"Fleet, {label}: relay CPU per 1,000 operations", k, "cpu_s_per_1000_ops", "s",
+         "{:.3f}", False, ""),
+        (f"Fleet, {label}: relay CPU per device-hour", k, "cpu_s_per_device_hour", "s",
+         "{:.2f}", False, ""),
+        (f"Fleet, {label}: packets per device per minute at rest", k,
+         "rest_packets_per_device_min", "", "{:.1f}", False, ""),
+        (f"Fleet, {label}: RSS after / idle (devices gone)", k, "rss_after_vs_idle", "",
+         "{:.3f}", False, "≤ 1.10"),
+        (f"Fleet, {label}: failures", k, "failures", "", "{:.0f}", False, "0"),
+    ]
+
+
 # (label, result key, field, unit, format, higher is better, target)
 ROWS = [
     ("Binary size", "footprint", "size_mib", "MiB", "{:.2f}", False, ""),
@@ -339,36 +361,8 @@ ROWS = [
     ("Churn: RSS 60 s after", "churn", "rss_after_mib", "MiB", "{:.1f}", False, ""),
     ("Churn: RSS after / idle", "churn", "rss_after_vs_idle", "", "{:.3f}", False, "≤ 1.10"),
     ("Churn: failures", "churn", "failures", "", "{:.0f}", False, "0"),
-    ("Fleet, 2,000 devices: online", "fleet-2000", "online", "", "{:.0f}", True, "2,000"),
-    ("Fleet, 2,000: get + put per s", "fleet-2000", "ops_per_s", "/s", "{:.0f}", True, ""),
-    ("Fleet, 2,000: put p99", "fleet-2000", "put_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
-    ("Fleet, 2,000: get p99", "fleet-2000", "get_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
-    ("Fleet, 2,000: RSS per connected device", "fleet-2000", "rss_per_device_kib", "KiB", "{:.1f}",
-     False, "≤ 40 KiB"),
-    ("Fleet, 2,000: relay CPU per 1,000 operations", "fleet-2000", "cpu_s_per_1000_ops", "s",
-     "{:.3f}", False, ""),
-    ("Fleet, 2,000: relay CPU per device-hour", "fleet-2000", "cpu_s_per_device_hour", "s",
-     "{:.2f}", False, ""),
-    ("Fleet, 2,000: packets per device per minute at rest", "fleet-2000",
-     "rest_packets_per_device_min", "", "{:.1f}", False, ""),
-    ("Fleet, 2,000: RSS after / idle (devices gone)", "fleet-2000", "rss_after_vs_idle", "",
-     "{:.3f}", False, "≤ 1.10"),
-    ("Fleet, 2,000: failures", "fleet-2000", "failures", "", "{:.0f}", False, "0"),
-    ("Fleet, 20,000 devices: online", "fleet-20000", "online", "", "{:.0f}", True, "20,000"),
-    ("Fleet, 20,000: get + put per s", "fleet-20000", "ops_per_s", "/s", "{:.0f}", True, ""),
-    ("Fleet, 20,000: put p99", "fleet-20000", "put_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
-    ("Fleet, 20,000: get p99", "fleet-20000", "get_p99_ms", "ms", "{:.1f}", False, "≤ 100 ms"),
-    ("Fleet, 20,000: RSS per connected device", "fleet-20000", "rss_per_device_kib", "KiB", "{:.1f}",
-     False, "≤ 40 KiB"),
-    ("Fleet, 20,000: relay CPU per 1,000 operations", "fleet-20000", "cpu_s_per_1000_ops", "s",
-     "{:.3f}", False, ""),
-    ("Fleet, 20,000: relay CPU per device-hour", "fleet-20000", "cpu_s_per_device_hour", "s",
-     "{:.2f}", False, ""),
-    ("Fleet, 20,000: packets per device per minute at rest", "fleet-20000",
-     "rest_packets_per_device_min", "", "{:.1f}", False, ""),
-    ("Fleet, 20,000: RSS after / idle (devices gone)", "fleet-20000", "rss_after_vs_idle", "",
-     "{:.3f}", False, "≤ 1.10"),
-    ("Fleet, 20,000: failures", "fleet-20000", "failures", "", "{:.0f}", False, "0"),
+    *fleet_rows("2000", "2,000"),
+    *fleet_rows("20000", "20,000"),
     ("Flood, 400 clients of one host: reserved", "flood", "flood_reserved", "", "{:.0f}", True,
      "≤ 64"),
     ("Flood: honest clients failed (of 50)", "flood", "failures", "", "{:.0f}", True, "0"),
