@@ -80,6 +80,12 @@ else
     fi
 fi
 
+# settings_port NAME DEFAULT: a port setting from check-config's output in $SETTINGS.
+settings_port() {
+    v=$(echo "$SETTINGS" | sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p")
+    echo "${v:-$2}"
+}
+
 # Open the relay's ports in the active firewall, if there is one.
 open_ports() {
     if command -v ufw >/dev/null 2>&1 && ufw status 2>/dev/null | grep -q 'Status: active'; then
@@ -146,8 +152,8 @@ SOURCES
     BIN=/usr/bin/privstack-relay
     if [ "$FIREWALL" -eq 1 ]; then
         SETTINGS=$("$BIN" check-config --env-file /etc/privstack-relay/relay.env || true)
-        v=$(echo "$SETTINGS" | sed -n 's/^PRIVSTACK_RELAY_PORT=\([0-9][0-9]*\)$/\1/p'); QUIC_PORT=${v:-4001}
-        v=$(echo "$SETTINGS" | sed -n 's/^PRIVSTACK_RELAY_HTTP_PORT=\([0-9][0-9]*\)$/\1/p'); HTTP_PORT=${v:-4002}
+        QUIC_PORT=$(settings_port PRIVSTACK_RELAY_PORT 4001)
+        HTTP_PORT=$(settings_port PRIVSTACK_RELAY_HTTP_PORT 4002)
         open_ports
     fi
     # The package enabled and started the relay (a first install) or restarted it.
@@ -235,10 +241,6 @@ fi
 # Ports the relay will use, from relay.env as systemd reads it (the relay's own
 # check-config; the binary is this machine's, checked above).
 ENV_FILE="$ROOT/etc/privstack-relay/relay.env"
-settings_port() {
-    v=$(echo "$SETTINGS" | sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p")
-    echo "${v:-$2}"
-}
 if [ -z "$ROOT" ]; then
     if ! SETTINGS=$("$BIN" check-config --env-file "$ENV_FILE"); then
         echo "install.sh: $ENV_FILE is refused (above); the relay will not start until it is fixed" >&2
