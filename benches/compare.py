@@ -237,8 +237,9 @@ SMOKE = [
     ("bulk", ["bulk", "--mib", "16"], []),
     ("dht", ["dht", "--clients", "5", "--records", "20", "--gets", "10"], []),
     ("churn", ["churn", "--concurrency", "4", "--seconds", "3", "--settle", "5"], []),
+    # Three generator processes, so the parent/child protocol runs too.
     ("fleet", ["fleet", "--clients", "20", "--concurrency", "8", "--period", "2",
-               "--seconds", "5", "--rest", "2", "--settle", "3"], []),
+               "--seconds", "5", "--rest", "2", "--settle", "3", "--per-process", "8"], []),
 ]
 
 
@@ -451,7 +452,8 @@ def main():
         for i, (name, gen, extra) in enumerate(SMOKE):
             r = scenario(paths, "privstack-relay", gen, extra, f"127.{10 + i}.0.0")
             log(f"{name}: {json.dumps(r)}")
-            if r.get("failures", -1) != 0:
+            # A device that is neither online nor a failure was never started.
+            if r.get("failures", -1) != 0 or r.get("online", 0) != r.get("devices", 0):
                 failed.append(name)
         if failed:
             sys.exit(f"compare.py --smoke: failures in {', '.join(failed)}")

@@ -30,6 +30,9 @@
 //!   `put_record` of its own; then all hold their connections `--rest` seconds (packets
 //!   counted) and leave, and the relay's RSS is followed for `--settle` seconds.
 //!
+//! `reservations` and `fleet` run past one process's descriptor budget (or `--per-process`
+//! clients) in child processes of the same binary, which report back on stdout.
+//!
 //! With `--pid`, the relay's RSS and CPU seconds are read from /proc. Progress goes to
 //! stderr; the last line on stdout is one JSON object with the figures, which
 //! `benches/compare.py` collects. The exit status is non-zero if any operation failed.
@@ -130,9 +133,19 @@ struct Args {
     /// First client address; clients count up from the next address.
     #[arg(long, default_value = "127.1.0.0")]
     ip_base: Ipv4Addr,
-    /// reservations: run as a helper of another generator process (internal).
+    /// reservations, fleet: clients (devices) per generator process; the rest run in
+    /// child processes. Default: what the descriptor limit allows (about 10,000 here).
+    #[arg(long)]
+    per_process: Option<usize>,
+    /// reservations, fleet: run as a helper of another generator process (internal).
     #[arg(long, hide = true)]
     child: bool,
+    /// fleet --child: number of the first device (internal).
+    #[arg(long, hide = true, default_value_t = 0)]
+    first: usize,
+    /// fleet --child: the run's tag in the sync codes (internal).
+    #[arg(long, hide = true)]
+    run: Option<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -583,9 +596,13 @@ fn hold_clients(
     done
 }
 
-/// Clients one process can hold: libp2p-quic keeps two descriptors per listening client
-/// (its socket and a clone for hole punching), and the descriptor limit may be fixed.
-fn clients_per_process() -> usize {
+/// Clients one process can hold: `--per-process` if given, else what the descriptor
+/// limit allows (libp2p-quic keeps two descriptors per listening client: its socket and
+/// a clone for hole punching, and the limit may be fixed).
+fn clients_per_process(args: &Args) -> usize {
+    if let Some(n) = args.per_process {
+        return n.max(1);
+    }
     // SAFETY: getrlimit with a valid pointer to a local struct.
     let soft = unsafe {
         let mut l = libc::rlimit {
@@ -641,7 +658,7 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let lost = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
     // Beyond what one process's descriptors allow, child processes hold the rest.
-    let procs = args.clients.div_ceil(clients_per_process());
+    let procs = args.clients.div_ceil(clients_per_process(args));
     let share = args.clients.div_ceil(procs);
     let concurrency = (args.concurrency / procs).max(1);
     let t0 = Instant::now();
@@ -664,7 +681,8 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
         children.push((child, lines));
     }
-    let own = args.clients - share * (procs - 1);
+    // This process holds the first share; the last child holds what is left.
+    let own = share.min(args.clients);
     let mut done = hold_clients(
         own,
         concurrency,
@@ -1349,34 +1367,111 @@ async fn hold_for(swarm: &mut Swarm<Client>, relay: &Relay, d: Duration) -> Resu
     }
 }
 
-/// One device's figures, sent when it leaves.
+/// One device's figures, sent when its operations end.
 #[derive(Default)]
 struct DeviceReport {
     puts: Vec<f64>,
     gets: Vec<f64>,
 }
 
-async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
-    let n = args.clients;
+/// Fleet phases, in order; every device follows the one process-wide value.
+const CONNECTING: u8 = 0;
+const OPERATING: u8 = 1;
+const AT_REST: u8 = 2;
+const LEAVING: u8 = 3;
+
+/// The devices one generator process runs.
+struct Devices {
+    /// One entry per device once it is online (its connect time) or has failed (`None`).
+    connected: mpsc::UnboundedReceiver<Option<f64>>,
+    /// One report per device, sent when the operations end (or the device failed).
+    reports: mpsc::UnboundedReceiver<DeviceReport>,
+    failures: Arc<Failures>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Devices {
+    /// Connect times of all `n` devices (the ones online), reporting progress.
+    async fn online(&mut self, n: usize, t0: Instant) -> Vec<f64> {
+        let mut setup = Vec::with_capacity(n);
+        for k in 1..=n {
+            match self.connected.recv().await {
+                Some(Some(took)) => setup.push(took),
+                Some(None) => {}
+                None => break,
+            }
+            if k % 1000 == 0 {
+                eprintln!(
+                    "{k}/{n} devices online here ({:.1} s)",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        setup
+    }
+
+    /// The put and get latencies of all `n` devices, once the operations have ended.
+    async fn latencies(&mut self, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let (mut puts, mut gets) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let Some(r) = self.reports.recv().await else {
+                break;
+            };
+            puts.extend(r.puts);
+            gets.extend(r.gets);
+        }
+        (puts, gets)
+    }
+
+    /// Drop every device (and its connection to the relay).
+    async fn leave(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// The devices of one generator process: `n`, numbered from `first` (device `i` shares
+/// its sync code with the other device of pair `i / 2`, whichever process runs it), on
+/// the addresses after `ip_base`, at most `concurrency` connecting at once.
+struct Share {
+    n: usize,
+    first: usize,
+    ip_base: Ipv4Addr,
+    concurrency: usize,
+}
+
+/// Start a share of the fleet; the devices follow `phase`.
+fn start_devices(
+    args: &Args,
+    relay: &Relay,
+    share: Share,
+    run: &str,
+    phase: &watch::Receiver<u8>,
+) -> Devices {
+    let Share {
+        n,
+        first,
+        ip_base,
+        concurrency,
+    } = share;
     let period = Duration::from_secs(args.period.max(1));
-    let idle = sample(args.pid);
-    let addrs = Arc::new(Addrs::new(args.ip_base));
-    let gate = Arc::new(Semaphore::new(args.concurrency));
+    let addrs = Arc::new(Addrs::new(ip_base));
+    let gate = Arc::new(Semaphore::new(concurrency));
     let failures = Arc::new(Failures::default());
-    // Phases: 0 connecting, 1 operations, 2 rest, 3 leave.
-    let (phase_tx, phase) = watch::channel(0u8);
-    let (conn_tx, mut connected) = mpsc::unbounded_channel::<Option<f64>>();
-    let (report_tx, mut reports) = mpsc::unbounded_channel::<DeviceReport>();
-    let run = format!("{:x}", rand::random::<u64>());
-    let t0 = Instant::now();
+    let (conn_tx, connected) = mpsc::unbounded_channel::<Option<f64>>();
+    let (report_tx, reports) = mpsc::unbounded_channel::<DeviceReport>();
     let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
+    for i in first..first + n {
         let (relay, addrs, gate, failures, run) = (
             relay.clone(),
             addrs.clone(),
             gate.clone(),
             failures.clone(),
-            run.clone(),
+            run.to_owned(),
         );
         let (mut phase, conn_tx, report_tx) = (phase.clone(), conn_tx.clone(), report_tx.clone());
         tasks.push(tokio::spawn(async move {
@@ -1415,7 +1510,7 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             let sent = std::sync::atomic::AtomicBool::new(false);
             let held = async {
                 tokio::select! {
-                    _ = phase.wait_for(|p| *p >= 1) => {}
+                    _ = phase.wait_for(|p| *p >= OPERATING) => {}
                     r = hold_for(&mut swarm, &relay, Duration::MAX) => r?,
                 }
                 // Spread the rounds over one period, as devices that came online at
@@ -1423,7 +1518,7 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
                 let jitter = period.mul_f64(rand::random::<f64>());
                 hold_for(&mut swarm, &relay, jitter).await?;
                 let key = record(&code, "", &lan).key;
-                while *phase.borrow() < 2 {
+                while *phase.borrow() < AT_REST {
                     let next = Instant::now() + period;
                     let t = Instant::now();
                     match get(&mut swarm, key.clone()).await {
@@ -1437,14 +1532,14 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
                     }
                     let wait = next.saturating_duration_since(Instant::now());
                     tokio::select! {
-                        _ = phase.wait_for(|p| *p >= 2) => {}
+                        _ = phase.wait_for(|p| *p >= AT_REST) => {}
                         r = hold_for(&mut swarm, &relay, wait) => r?,
                     }
                 }
                 let _ = report_tx.send(std::mem::take(&mut report));
                 sent.store(true, Ordering::Relaxed);
                 tokio::select! {
-                    _ = phase.wait_for(|p| *p >= 3) => {}
+                    _ = phase.wait_for(|p| *p >= LEAVING) => {}
                     r = hold_for(&mut swarm, &relay, Duration::MAX) => r?,
                 }
                 anyhow::Ok(())
@@ -1457,34 +1552,168 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
             }
         }));
     }
-    drop((conn_tx, report_tx));
-    let mut setup = Vec::with_capacity(n);
-    for k in 1..=n {
-        if let Some(Some(took)) = connected.recv().await {
-            setup.push(took);
+    Devices {
+        connected,
+        reports,
+        failures,
+        tasks,
+    }
+}
+
+/// `fleet --child`: run a share of the devices for a parent process. Protocol, one JSON
+/// line on stdout per step: `{"setup": [ms...]}` once every device is online (or has
+/// failed); then on the stdin line `operate` the rounds start, on `rest` they stop and
+/// `{"puts": [ms...], "gets": [ms...]}` follows; on `leave` (or end of input) the devices
+/// leave and main's result line carries the failures.
+async fn fleet_child(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    let run = args.run.clone().context("fleet --child needs --run")?;
+    let (phase_tx, phase) = watch::channel(CONNECTING);
+    let share = Share {
+        n: args.clients,
+        first: args.first,
+        ip_base: args.ip_base,
+        concurrency: args.concurrency,
+    };
+    let mut devices = start_devices(args, relay, share, &run, &phase);
+    let setup = devices.online(args.clients, Instant::now()).await;
+    println!("{}", json!({ "setup": setup }));
+    // The parent's commands, read on a thread of their own (stdin blocks).
+    let (line_tx, mut commands) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::stdin().lock()) {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
         }
-        if k % 1000 == 0 {
-            eprintln!(
-                "{k}/{n} devices online ({:.1} s)",
-                t0.elapsed().as_secs_f64()
+    });
+    while let Some(line) = commands.recv().await {
+        match line.trim() {
+            "operate" => {
+                let _ = phase_tx.send(OPERATING);
+            }
+            "rest" => {
+                let _ = phase_tx.send(AT_REST);
+                let (puts, gets) = devices.latencies(args.clients).await;
+                println!("{}", json!({ "puts": puts, "gets": gets }));
+            }
+            "leave" => break,
+            other => bail!("fleet --child: unknown command {other:?}"),
+        }
+    }
+    let _ = phase_tx.send(LEAVING);
+    let failures = devices.failures.clone();
+    devices.leave().await;
+    Ok(json!({"failures": failures.count(), "errors": failures.json()}))
+}
+
+/// A child generator process of the fleet and its stdout lines.
+struct FleetChild {
+    proc: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl FleetChild {
+    async fn send(&mut self, command: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .context("write to a child load generator")
+    }
+
+    /// Its next line, with the `ms` lists named in `lists` appended to `into`.
+    async fn next(&mut self, lists: &mut [(&str, &mut Vec<f64>)]) -> Result<serde_json::Value> {
+        let line = self
+            .lines
+            .next_line()
+            .await?
+            .context("a child load generator ended early")?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("a child load generator printed {line:?}"))?;
+        for (name, into) in lists.iter_mut() {
+            into.extend(
+                v[*name]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_f64()),
             );
         }
+        Ok(v)
+    }
+}
+
+async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt as _;
+    if args.child {
+        return fleet_child(args, relay).await;
+    }
+    let n = args.clients;
+    let idle = sample(args.pid);
+    let run = format!("{:x}", rand::random::<u64>());
+    let (phase_tx, phase) = watch::channel(CONNECTING);
+    // Beyond what one process's descriptors allow, child processes run the rest.
+    let procs = n.div_ceil(clients_per_process(args));
+    let share = n.div_ceil(procs);
+    let concurrency = (args.concurrency / procs).max(1);
+    let t0 = Instant::now();
+    let mut children = Vec::new();
+    for k in 1..procs {
+        let count = share.min(n - k * share);
+        let base = Ipv4Addr::from(u32::from(args.ip_base) + (k * share) as u32);
+        let mut proc = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("fleet")
+            .arg("--child")
+            .args(["--relay", &args.relay.to_string()])
+            .args(["--clients", &count.to_string()])
+            .args(["--first", &(k * share).to_string()])
+            .args(["--run", &run])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--period", &args.period.to_string()])
+            .args(["--ip-base", &base.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start a child load generator")?;
+        let stdin = proc.stdin.take().expect("piped");
+        let lines = tokio::io::BufReader::new(proc.stdout.take().expect("piped")).lines();
+        children.push(FleetChild { proc, stdin, lines });
+    }
+    // This process runs the first share; the last child runs what is left.
+    let own = share.min(n);
+    let local = Share {
+        n: own,
+        first: 0,
+        ip_base: args.ip_base,
+        concurrency,
+    };
+    let mut devices = start_devices(args, relay, local, &run, &phase);
+    let mut setup = devices.online(own, t0).await;
+    for c in &mut children {
+        c.next(&mut [("setup", &mut setup)]).await?;
     }
     let online = setup.len();
     let connect_s = t0.elapsed().as_secs_f64();
-    eprintln!("{online} of {n} devices online in {connect_s:.1} s");
+    eprintln!("{online} of {n} devices online in {connect_s:.1} s ({procs} processes)");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let at_n = sample(args.pid);
-    let _ = phase_tx.send(1);
+    let _ = phase_tx.send(OPERATING);
+    for c in &mut children {
+        c.send("operate").await?;
+    }
     let t_ops = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-    let _ = phase_tx.send(2);
-    let mut puts = Vec::new();
-    let mut gets = Vec::new();
-    for _ in 0..n {
-        let Some(r) = reports.recv().await else { break };
-        puts.extend(r.puts);
-        gets.extend(r.gets);
+    let _ = phase_tx.send(AT_REST);
+    for c in &mut children {
+        c.send("rest").await?;
+    }
+    let (mut puts, mut gets) = devices.latencies(own).await;
+    for c in &mut children {
+        c.next(&mut [("puts", &mut puts), ("gets", &mut gets)])
+            .await?;
     }
     let ops_s = t_ops.elapsed().as_secs_f64();
     let after_ops = sample(args.pid);
@@ -1496,12 +1725,16 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let (rest_start, pk0) = (sample(args.pid), udp_datagrams_in());
     tokio::time::sleep(Duration::from_secs(args.rest)).await;
     let (rest_end, pk1) = (sample(args.pid), udp_datagrams_in());
-    let _ = phase_tx.send(3);
-    for t in &tasks {
-        t.abort();
-    }
-    for t in tasks {
-        let _ = t.await;
+    let _ = phase_tx.send(LEAVING);
+    let mut failures = devices.failures.count();
+    let mut errors = vec![devices.failures.json()];
+    devices.leave().await;
+    for mut c in children {
+        c.send("leave").await?;
+        let r = c.next(&mut []).await?;
+        failures += r["result"]["failures"].as_u64().unwrap_or(0) as usize;
+        errors.push(r["result"]["errors"].clone());
+        c.proc.wait().await?;
     }
     // Devices gone: follow the relay's RSS back towards idle.
     let mut rss_after = None;
@@ -1520,12 +1753,13 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         (percentiles(setup), percentiles(puts), percentiles(gets));
     let mut out = json!({
         "devices": n,
+        "processes": procs,
         "online": online,
         "connect_s": connect_s,
         "operations": ops,
         "ops_per_s": ops as f64 / ops_s,
-        "failures": failures.count(),
-        "errors": failures.json(),
+        "failures": failures,
+        "errors": errors.into_iter().flat_map(|e| e.as_array().cloned().unwrap_or_default()).collect::<Vec<_>>(),
         "setup_p50_ms": setup_p50,
         "setup_p99_ms": setup_p99,
         "put_p50_ms": put_p50,
