@@ -104,3 +104,23 @@ impl Behaviour {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::swarm::THandler;
+
+    /// libp2p-swarm keeps each connection's handler inline in the connection task's
+    /// boxed future, more than once (the future's layout holds it before and while it
+    /// runs), so every byte of handler costs the relay a multiple of it per connected
+    /// peer. Identify's handler (3.4 KiB inline, mostly its event queue) is boxed for
+    /// this reason: 6.3 KiB less per connected device (BENCHMARKS.md).
+    #[test]
+    fn connection_handler_stays_small() {
+        let size = std::mem::size_of::<THandler<Behaviour>>();
+        assert!(
+            size <= 2048,
+            "the relay's connection handler is {size} bytes inline"
+        );
+    }
+}

@@ -170,6 +170,16 @@ pub const MAX_RESERVATIONS_PER_NETWORK: usize = 256;
 /// hash-table size in quinn's per-stream maps as 64 would.
 pub const QUIC_MAX_STREAMS_PER_CONNECTION: u32 = 96;
 
+/// The relay pings a QUIC connection only after this long without hearing from the
+/// peer. libp2p's QUIC peers ping every 5 s themselves (which also keeps their NAT
+/// mapping open), and every packet received restarts this timer, so the relay sends no
+/// pings of its own to them: at rest a device costs the relay its own pings and their
+/// acknowledgements, 24 packets a minute instead of 31 with libp2p-quic's 5 s on both
+/// ends (BENCHMARKS.md, "What configuration reaches"). A peer that does not ping (or
+/// pings less often) still gets one before libp2p-quic's 10 s idle timeout closes the
+/// connection.
+pub const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(8);
+
 /// QUIC handshakes in progress at once; bounds the CPU a handshake flood can take.
 pub const MAX_PENDING_INCOMING: u32 = 512;
 

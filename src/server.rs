@@ -113,6 +113,7 @@ impl Server {
             .with_other_transport(|key| {
                 let mut c = libp2p::quic::Config::new(key);
                 c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
+                c.keep_alive_interval = defaults::QUIC_KEEP_ALIVE_INTERVAL;
                 libp2p::quic::tokio::Transport::new(c).map(move |(peer, connection), _| {
                     (peer, circuits::Muxer::new(connection, circuits.clone()))
                 })

@@ -142,7 +142,9 @@ impl NetworkBehaviour for Identify {
 
 /// identify's connection handler with the addresses it sends replaced by the offer.
 pub struct Handler {
-    inner: InnerHandler,
+    /// Boxed: identify's handler is 3.4 KiB inline, and libp2p-swarm keeps the
+    /// handler inline in each connection's task more than once (src/behaviour.rs).
+    inner: Box<InnerHandler>,
     offer: Offer,
     /// The relay's addresses as identify would send them to everyone.
     own: HashSet<Multiaddr>,
@@ -156,7 +158,7 @@ impl Handler {
         // Before the connection runs, so no message ever carries the unfiltered set.
         inner.on_behaviour_event(HandlerIn::AddressesChanged(offered.clone()));
         Self {
-            inner,
+            inner: Box::new(inner),
             offer,
             own,
             offered,
