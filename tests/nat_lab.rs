@@ -828,7 +828,7 @@ async fn a_relay_behind_a_cloud_nat_offers_each_device_an_address_it_can_dial() 
 
 /// A relay binary running in the lab's relay namespace (`ip netns exec`), with
 /// `--external-address` at its public address; returns it with its public multiaddr.
-async fn relay_binary(lab: &Lab, bin: &str) -> (RelayBinary, Multiaddr) {
+async fn relay_binary(lab: &Lab, bin: &str, extra: &[String]) -> (RelayBinary, Multiaddr) {
     // A free UDP port in the relay's namespace, found from inside it.
     let port = *InNs::start(&lab.ns("relay"), async {
         std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
@@ -843,9 +843,13 @@ async fn relay_binary(lab: &Lab, bin: &str) -> (RelayBinary, Multiaddr) {
         bin,
         port,
         &[
-            "--external-address".into(),
-            format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1"),
-        ],
+            &[
+                "--external-address".into(),
+                format!("/ip4/{RELAY_IP}/udp/{port}/quic-v1"),
+            ],
+            extra,
+        ]
+        .concat(),
     );
     let addr = Multiaddr::empty()
         .with(Protocol::Ip4(RELAY_IP))
@@ -890,7 +894,16 @@ async fn fleet_put_get_latency_behind_nats() {
     let rounds = env_or("PRIVSTACK_LAB_ROUNDS", 6);
     let pause = env_or("PRIVSTACK_LAB_PAUSE_SECS", 15);
     let lab = Lab::new(2).expect("the NAT lab needs root, ip and nft");
-    let (relay, relay_addr) = relay_binary(&lab, &bin).await;
+    // Each home is one address to the relay (its NAT), holding its devices' connections
+    // and, until their idle timeout, those of the devices that just left: past the
+    // default per-host cap (256) with a few hundred devices per home, as behind a CGNAT.
+    let caps = [
+        "--max-connections-per-host".to_string(),
+        (2 * per_home).max(256).to_string(),
+        "--max-connections-per-network".to_string(),
+        (4 * per_home).max(1024).to_string(),
+    ];
+    let (relay, relay_addr) = relay_binary(&lab, &bin, &caps).await;
     // A device joins as PrivStack's do: dial the relay, start one Kademlia bootstrap
     // and go on without waiting for it.
     let join = |h: usize| {
