@@ -25,9 +25,10 @@
 //! - `fleet`: the workload of today's PrivStack devices (SPEC §3). `--clients` devices
 //!   (no relay client, Kademlia server mode, identify without listen addresses, as the
 //!   relay sees a device behind a NAT) connect, `--concurrency` at a time, and
-//!   store their sync-group record (pairs of devices share a code); then for
-//!   `--seconds` each does, every `--period` seconds, a `get_record` of its group and a
-//!   `put_record` of its own; then all hold their connections `--rest` seconds (packets
+//!   store their sync-group record (pairs of devices share a code); from then on each
+//!   does, every `--period` seconds, a `get_record` of its group and a `put_record` of
+//!   its own, and the rounds started in the `--seconds` after the last device came
+//!   online are the figures; then all hold their connections `--rest` seconds (packets
 //!   counted) and leave, and the relay's RSS is followed for `--settle` seconds.
 //!
 //! `reservations` and `fleet` run past one process's descriptor budget (or `--per-process`
@@ -55,6 +56,14 @@ use libp2p::{
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
+
+// The relay's allocator, for the generator too: each device's QUIC endpoint callocs a
+// receive buffer of about 3 MiB (quinn: 32 batches of 64 GRO segments), which glibc
+// serves from its arenas once its mmap threshold has risen, zeroing (and so keeping
+// resident) all of it: 1.3 MiB of generator RSS per device, too much for 20,000 on one
+// machine. jemalloc maps such buffers fresh and they stay mostly untouched.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Longest any single step (handshake, reservation, circuit, request) may take before it
 /// counts as a failure.
@@ -1509,25 +1518,27 @@ fn start_devices(
             drop(permit);
             let sent = std::sync::atomic::AtomicBool::new(false);
             let held = async {
-                tokio::select! {
-                    _ = phase.wait_for(|p| *p >= OPERATING) => {}
-                    r = hold_for(&mut swarm, &relay, Duration::MAX) => r?,
-                }
-                // Spread the rounds over one period, as devices that came online at
-                // different times are.
+                // A device runs its rounds from the moment it is online, as a real one
+                // does while others join (and so its connection is never idle for the
+                // relay's 2-minute timeout); only the rounds that start while the fleet
+                // is operating count towards the figures. The first is spread over one
+                // period, as devices that came online at different times are.
                 let jitter = period.mul_f64(rand::random::<f64>());
                 hold_for(&mut swarm, &relay, jitter).await?;
                 let key = record(&code, "", &lan).key;
                 while *phase.borrow() < AT_REST {
                     let next = Instant::now() + period;
+                    let counted = *phase.borrow() == OPERATING;
                     let t = Instant::now();
                     match get(&mut swarm, key.clone()).await {
-                        Ok(()) => report.gets.push(ms(t.elapsed())),
+                        Ok(()) if counted => report.gets.push(ms(t.elapsed())),
+                        Ok(()) => {}
                         Err(e) => failures.add("get", &e),
                     }
                     let t = Instant::now();
                     match put(&mut swarm, &relay, record(&code, &name, &lan)).await {
-                        Ok(()) => report.puts.push(ms(t.elapsed())),
+                        Ok(()) if counted => report.puts.push(ms(t.elapsed())),
+                        Ok(()) => {}
                         Err(e) => failures.add("put", &e),
                     }
                     let wait = next.saturating_duration_since(Instant::now());
