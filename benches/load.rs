@@ -624,6 +624,102 @@ fn clients_per_process(args: &Args) -> usize {
     (soft.saturating_sub(256) / 2).clamp(1, 100_000) as usize
 }
 
+/// How `--clients` are spread over generator processes: this one runs the first
+/// `share`, child `k` the `k`-th, the last child what is left; each sets up at most
+/// `concurrency` at once.
+struct Split {
+    procs: usize,
+    share: usize,
+    concurrency: usize,
+}
+
+impl Split {
+    fn new(args: &Args) -> Self {
+        // Beyond what one process's descriptors allow, child processes take the rest.
+        let procs = args.clients.div_ceil(clients_per_process(args));
+        Self {
+            procs,
+            share: args.clients.div_ceil(procs),
+            concurrency: (args.concurrency / procs).max(1),
+        }
+    }
+
+    /// This process's own share.
+    fn own(&self, args: &Args) -> usize {
+        self.share.min(args.clients)
+    }
+}
+
+/// A child generator process (`reservations` or `fleet` with `--child`), its input and
+/// its stdout lines.
+struct ChildGenerator {
+    proc: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ChildGenerator {
+    /// Start child `k` (from 1) of `split`, running `scenario --child` on its share with
+    /// `extra` arguments.
+    fn spawn(
+        args: &Args,
+        scenario: &str,
+        split: &Split,
+        k: usize,
+        extra: &[String],
+    ) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt as _;
+        let first = k * split.share;
+        let count = split.share.min(args.clients - first);
+        let base = Ipv4Addr::from(u32::from(args.ip_base) + first as u32);
+        let mut proc = tokio::process::Command::new(std::env::current_exe()?)
+            .arg(scenario)
+            .arg("--child")
+            .args(["--relay", &args.relay.to_string()])
+            .args(["--clients", &count.to_string()])
+            .args(["--concurrency", &split.concurrency.to_string()])
+            .args(["--ip-base", &base.to_string()])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start a child load generator")?;
+        let stdin = proc.stdin.take().expect("piped");
+        let lines = tokio::io::BufReader::new(proc.stdout.take().expect("piped")).lines();
+        Ok(Self { proc, stdin, lines })
+    }
+
+    async fn send(&mut self, command: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .context("write to a child load generator")
+    }
+
+    /// Its next line, with the `ms` lists named in `lists` appended to `into`.
+    async fn next(&mut self, lists: &mut [(&str, &mut Vec<f64>)]) -> Result<serde_json::Value> {
+        let line = self
+            .lines
+            .next_line()
+            .await?
+            .context("a child load generator ended early")?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("a child load generator printed {line:?}"))?;
+        for (name, into) in lists.iter_mut() {
+            into.extend(
+                v[*name]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_f64()),
+            );
+        }
+        Ok(v)
+    }
+}
+
 /// `reservations --child`: hold a share of the clients for a parent process. Prints one
 /// JSON line when set up, waits for stdin to close, prints one line with the losses.
 async fn reservations_child(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
@@ -658,7 +754,6 @@ async fn reservations_child(args: &Args, relay: &Relay) -> Result<serde_json::Va
 }
 
 async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
-    use tokio::io::AsyncBufReadExt as _;
     if args.child {
         return reservations_child(args, relay).await;
     }
@@ -666,32 +761,14 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let failures = Arc::new(Failures::default());
     let lost = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
-    // Beyond what one process's descriptors allow, child processes hold the rest.
-    let procs = args.clients.div_ceil(clients_per_process(args));
-    let share = args.clients.div_ceil(procs);
-    let concurrency = (args.concurrency / procs).max(1);
+    let split = Split::new(args);
+    let (procs, concurrency) = (split.procs, split.concurrency);
     let t0 = Instant::now();
     let mut children = Vec::new();
     for k in 1..procs {
-        let n = share.min(args.clients - k * share);
-        let base = Ipv4Addr::from(u32::from(args.ip_base) + (k * share) as u32);
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("reservations")
-            .arg("--child")
-            .args(["--relay", &args.relay.to_string()])
-            .args(["--clients", &n.to_string()])
-            .args(["--concurrency", &concurrency.to_string()])
-            .args(["--ip-base", &base.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start a child load generator")?;
-        let lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-        children.push((child, lines));
+        children.push(ChildGenerator::spawn(args, "reservations", &split, k, &[])?);
     }
-    // This process holds the first share; the last child holds what is left.
-    let own = share.min(args.clients);
+    let own = split.own(args);
     let mut done = hold_clients(
         own,
         concurrency,
@@ -717,19 +794,8 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
         }
     }
     let mut child_failures = 0;
-    for (_, lines) in &mut children {
-        let line = lines
-            .next_line()
-            .await?
-            .context("child load generator ended early")?;
-        let r: serde_json::Value = serde_json::from_str(&line)?;
-        lat.extend(
-            r["latencies"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_f64()),
-        );
+    for c in &mut children {
+        let r = c.next(&mut [("latencies", &mut lat)]).await?;
         child_failures += r["failures"].as_u64().unwrap_or(0) as usize;
         for e in r["errors"].as_array().into_iter().flatten() {
             eprintln!("child: {e}");
@@ -744,13 +810,18 @@ async fn reservations(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let _ = stop_tx.send(true);
     let local_lost = lost.load(Ordering::Relaxed);
     let mut child_lost = 0;
-    for (mut child, mut lines) in children {
-        drop(child.stdin.take());
+    for c in children {
+        let ChildGenerator {
+            mut proc,
+            stdin,
+            mut lines,
+        } = c;
+        drop(stdin);
         if let Some(line) = lines.next_line().await? {
             let r: serde_json::Value = serde_json::from_str(&line)?;
             child_lost += r["result"]["lost"].as_u64().unwrap_or(0) as usize;
         }
-        child.wait().await?;
+        proc.wait().await?;
     }
     let (p50, p99) = percentiles(lat);
     let mut out = json!({
@@ -1618,46 +1689,7 @@ async fn fleet_child(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     Ok(json!({"failures": failures.count(), "errors": failures.json()}))
 }
 
-/// A child generator process of the fleet and its stdout lines.
-struct FleetChild {
-    proc: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-}
-
-impl FleetChild {
-    async fn send(&mut self, command: &str) -> Result<()> {
-        use tokio::io::AsyncWriteExt as _;
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .context("write to a child load generator")
-    }
-
-    /// Its next line, with the `ms` lists named in `lists` appended to `into`.
-    async fn next(&mut self, lists: &mut [(&str, &mut Vec<f64>)]) -> Result<serde_json::Value> {
-        let line = self
-            .lines
-            .next_line()
-            .await?
-            .context("a child load generator ended early")?;
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("a child load generator printed {line:?}"))?;
-        for (name, into) in lists.iter_mut() {
-            into.extend(
-                v[*name]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|x| x.as_f64()),
-            );
-        }
-        Ok(v)
-    }
-}
-
 async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
-    use tokio::io::AsyncBufReadExt as _;
     if args.child {
         return fleet_child(args, relay).await;
     }
@@ -1665,36 +1697,22 @@ async fn fleet(args: &Args, relay: &Relay) -> Result<serde_json::Value> {
     let idle = sample(args.pid);
     let run = format!("{:x}", rand::random::<u64>());
     let (phase_tx, phase) = watch::channel(CONNECTING);
-    // Beyond what one process's descriptors allow, child processes run the rest.
-    let procs = n.div_ceil(clients_per_process(args));
-    let share = n.div_ceil(procs);
-    let concurrency = (args.concurrency / procs).max(1);
+    let split = Split::new(args);
+    let (procs, concurrency) = (split.procs, split.concurrency);
     let t0 = Instant::now();
     let mut children = Vec::new();
     for k in 1..procs {
-        let count = share.min(n - k * share);
-        let base = Ipv4Addr::from(u32::from(args.ip_base) + (k * share) as u32);
-        let mut proc = tokio::process::Command::new(std::env::current_exe()?)
-            .arg("fleet")
-            .arg("--child")
-            .args(["--relay", &args.relay.to_string()])
-            .args(["--clients", &count.to_string()])
-            .args(["--first", &(k * share).to_string()])
-            .args(["--run", &run])
-            .args(["--concurrency", &concurrency.to_string()])
-            .args(["--period", &args.period.to_string()])
-            .args(["--ip-base", &base.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start a child load generator")?;
-        let stdin = proc.stdin.take().expect("piped");
-        let lines = tokio::io::BufReader::new(proc.stdout.take().expect("piped")).lines();
-        children.push(FleetChild { proc, stdin, lines });
+        let extra = [
+            "--first".to_owned(),
+            (k * split.share).to_string(),
+            "--run".to_owned(),
+            run.clone(),
+            "--period".to_owned(),
+            args.period.to_string(),
+        ];
+        children.push(ChildGenerator::spawn(args, "fleet", &split, k, &extra)?);
     }
-    // This process runs the first share; the last child runs what is left.
-    let own = share.min(n);
+    let own = split.own(args);
     let local = Share {
         n: own,
         first: 0,
