@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod notify;
 pub mod offer;
 pub mod probe;
+pub mod quic;
 pub mod record_store;
 pub mod routing;
 pub mod server;

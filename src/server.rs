@@ -5,6 +5,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use futures::future;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport};
@@ -17,14 +18,16 @@ use tokio::task::{self, JoinSet};
 use crate::admission::{Admission, HostCaps};
 use crate::behaviour::Behaviour;
 use crate::circuits::{self, Circuits, shaping::Rates};
-use crate::config::Config;
+use crate::config::{Config, QuicTransport};
 use crate::event_loop::{EventLoop, Fault};
 use crate::metrics::RelayMetrics;
 use crate::state::{Snapshot, Stats};
-use crate::{api, defaults};
+use crate::{api, defaults, quic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
+    #[error("setting up QUIC")]
+    Quic(#[source] crate::quic::Error),
     #[error("cannot listen on UDP port {port} ({addr}, QUIC)")]
     BindQuic {
         addr: SocketAddr,
@@ -108,13 +111,16 @@ impl Server {
             l.max_relayed_bytes_per_day,
             metrics.circuit_bytes.clone(),
         );
+        let transport = quic_transport(&key, &config)?;
         let swarm = SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()
-            .with_other_transport(|key| {
-                let mut c = libp2p::quic::Config::new(key);
-                c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
-                c.keep_alive_interval = defaults::QUIC_KEEP_ALIVE_INTERVAL;
-                libp2p::quic::tokio::Transport::new(c).map(move |(peer, connection), _| {
+            .with_other_transport(|_| {
+                // Every connection is wrapped so circuits are counted and shaped.
+                transport.map(move |output, _| {
+                    let (peer, connection) = match output {
+                        future::Either::Left((peer, c)) => (peer, future::Either::Left(c)),
+                        future::Either::Right((peer, c)) => (peer, future::Either::Right(c)),
+                    };
                     (peer, circuits::Muxer::new(connection, circuits.clone()))
                 })
             })
@@ -369,6 +375,31 @@ impl Server {
         }
         stats
     }
+}
+
+/// The QUIC transport `--quic-transport` chose.
+fn quic_transport(
+    key: &Keypair,
+    config: &Config,
+) -> Result<either::Either<libp2p::quic::tokio::Transport, quic::Transport>, SpawnError> {
+    Ok(match config.quic_transport {
+        QuicTransport::Libp2pQuic => {
+            let mut c = libp2p::quic::Config::new(key);
+            c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
+            c.keep_alive_interval = defaults::QUIC_KEEP_ALIVE_INTERVAL;
+            either::Either::Left(libp2p::quic::tokio::Transport::new(c))
+        }
+        QuicTransport::Own => {
+            let c = quic::Config {
+                max_streams: defaults::QUIC_MAX_STREAMS_PER_CONNECTION,
+                keep_alive_interval: defaults::QUIC_KEEP_ALIVE_INTERVAL,
+                segmentation_offload: config.quic_gso,
+                ..quic::Config::new()
+            };
+            tracing::info!("QUIC cipher suites: {}", c.cipher_order.describe());
+            either::Either::Right(quic::Transport::new(key, c).map_err(SpawnError::Quic)?)
+        }
+    })
 }
 
 fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {
