@@ -14,7 +14,6 @@ use crate::{addrs, defaults};
 #[command(
     name = "privstack-relay",
     version,
-    long_version = crate::build_info::LONG_VERSION,
     about = "Stateless libp2p circuit relay and Kademlia bootstrap node for PrivStack clients",
     args_conflicts_with_subcommands = true,
     after_help = AFTER_HELP

@@ -46,7 +46,7 @@ pub struct Setting {
 
 /// Every flag with a variable, the relay's own first.
 pub fn settings() -> Vec<Setting> {
-    let cmd = Cli::command();
+    let cmd = command();
     let mut out = Vec::new();
     let mut add = |sub: Option<&str>, c: &clap::Command| {
         for a in c.get_arguments() {
@@ -202,6 +202,12 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
+/// The command line, with `--version`'s long output (which names what the CPU chose
+/// at run time, so it cannot be a constant).
+fn command() -> clap::Command {
+    Cli::command().long_version(crate::build_info::long_version())
+}
+
 fn stripped() -> clap::Command {
     fn strip(a: clap::Arg) -> clap::Arg {
         if a.get_env().is_some() {
@@ -210,7 +216,7 @@ fn stripped() -> clap::Command {
             a
         }
     }
-    Cli::command()
+    command()
         .mut_args(strip)
         .mut_subcommands(|s| s.mut_args(strip))
 }
@@ -229,7 +235,7 @@ where
             if matches!(
                 e.kind(),
                 ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) && let Err(full) = Cli::command().try_get_matches_from(&argv)
+            ) && let Err(full) = command().try_get_matches_from(&argv)
             {
                 return Err(SettingsError::Clap(full));
             }

@@ -315,3 +315,84 @@ impl ClientCertVerifier for Verifier {
         Self::schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a TLS 1.3 handshake in memory; the first error either side hits.
+    fn handshake(
+        c: &mut rustls::ClientConnection,
+        s: &mut rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process_new_packets()?;
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    fn server(order: CipherOrder) -> (Keypair, rustls::ServerConnection) {
+        let relay = Keypair::generate_ed25519();
+        let cert = Arc::new(Certificate::generate(&relay).unwrap());
+        let config = Arc::new(server_config(cert, order).unwrap());
+        (relay, rustls::ServerConnection::new(config).unwrap())
+    }
+
+    fn client(config: rustls::ClientConfig) -> rustls::ClientConnection {
+        let name = ServerName::try_from("l").unwrap();
+        rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+    }
+
+    /// The relay's server config against libp2p-tls's client config (what rust-libp2p
+    /// peers send: ChaCha20 first).
+    fn negotiate(order: CipherOrder) -> SupportedCipherSuite {
+        let peer = Keypair::generate_ed25519();
+        let (relay, mut s) = server(order);
+        let mut c = client(libp2p_tls::make_client_config(&peer, None).unwrap());
+        handshake(&mut c, &mut s).unwrap();
+        assert_eq!(s.alpn_protocol(), Some(ALPN));
+        let peer_seen = peer_id(s.peer_certificates().unwrap());
+        let relay_seen = peer_id(c.peer_certificates().unwrap());
+        assert_eq!(peer_seen, Some(peer.public().to_peer_id()));
+        assert_eq!(relay_seen, Some(relay.public().to_peer_id()));
+        s.negotiated_cipher_suite().unwrap()
+    }
+
+    #[test]
+    fn the_server_picks_the_cipher_suite_in_its_own_order() {
+        let suite = negotiate(CipherOrder::AesFirst);
+        assert_eq!(suite.suite(), TLS13_AES_128_GCM_SHA256.suite());
+        let suite = negotiate(CipherOrder::ChaChaFirst);
+        assert_eq!(suite.suite(), TLS13_CHACHA20_POLY1305_SHA256.suite());
+    }
+
+    #[test]
+    fn a_client_without_a_certificate_is_refused() {
+        let (_, mut s) = server(CipherOrder::detect());
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(provider(CipherOrder::detect()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Verifier))
+                .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let mut c = client(config);
+        assert!(handshake(&mut c, &mut s).is_err());
+        assert!(s.peer_certificates().is_none());
+    }
+}
