@@ -412,6 +412,10 @@ def boot_case(case: str, tmp: Path, relay: Path) -> dict:
         state = m.ssh("systemctl is-system-running --wait", timeout=600, check=False)
         failed = m.ssh("systemctl --failed --plain --no-legend")
         check(failed == "" and state == "running", f"no failed units (system {state!r}; failed: {failed!r})")
+        rmem = m.ssh("cat /proc/sys/net/core/rmem_max")
+        capped = m.ssh("journalctl -b -u privstack-relay.service --no-pager | grep -c 'receive buffer is' || true")
+        check(rmem == "4194304" and capped == "0",
+              f"the relay's QUIC socket gets its 4 MiB receive buffer (rmem_max {rmem}, {capped} warnings)")
         key = m.ssh("stat -c '%a %U' /var/lib/privstack/relay-identity.key")
         check(key == "600 privstack", f"identity key is 0600 and owned by privstack ({key})")
         size = int(m.ssh("findmnt -bno SIZE /"))

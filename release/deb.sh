@@ -36,6 +36,7 @@ sed 's#/usr/local/bin/privstack-relay#/usr/bin/privstack-relay#g' systemd/privst
     > "$root/usr/lib/systemd/system/privstack-relay.service"
 install -D -m 644 systemd/privstack-relay.sysusers "$root/usr/lib/sysusers.d/privstack-relay.conf"
 install -D -m 644 systemd/privstack-relay.tmpfiles "$root/usr/lib/tmpfiles.d/privstack-relay.conf"
+install -D -m 644 systemd/privstack-relay.sysctl "$root/usr/lib/sysctl.d/60-privstack-relay.conf"
 install -D -m 644 systemd/relay.env "$root/etc/privstack-relay/relay.env"
 install -D -m 644 release/deb/copyright "$doc/copyright"
 gzip -n -9 -c README.md > "$doc/README.md.gz"

@@ -147,6 +147,7 @@ Architecture: $arch" ] || fail "$name control fields: $(dpkg-deb -f "$deb" Packa
     files=$(dpkg-deb -c "$deb" | awk '$6 !~ /\/$/ { print $1, $2, $6 }')
     expected="-rw-r--r-- root/root ./etc/privstack-relay/relay.env
 -rwxr-xr-x root/root ./usr/bin/privstack-relay
+-rw-r--r-- root/root ./usr/lib/sysctl.d/60-privstack-relay.conf
 -rw-r--r-- root/root ./usr/lib/systemd/system/privstack-relay.service
 -rw-r--r-- root/root ./usr/lib/sysusers.d/privstack-relay.conf
 -rw-r--r-- root/root ./usr/lib/tmpfiles.d/privstack-relay.conf

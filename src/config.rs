@@ -224,12 +224,16 @@ pub struct RunArgs {
 
     /// QUIC implementation: `own` (the relay's transport, src/quic/: cipher suite by
     /// the CPU, bounded handshakes) or `libp2p-quic` (rust-libp2p's).
-    #[arg(long, env = "PRIVSTACK_RELAY_QUIC_TRANSPORT", value_enum, default_value_t = QuicTransport::Libp2pQuic)]
+    #[arg(long, env = "PRIVSTACK_RELAY_QUIC_TRANSPORT", value_enum, default_value_t = QuicTransport::Own)]
     pub quic_transport: QuicTransport,
 
     /// Generic segmentation offload for the own QUIC transport (measurement knob).
     #[arg(long, hide = true, default_value_t = true, action = clap::ArgAction::Set)]
     pub quic_gso: bool,
+
+    /// Handshakes the own QUIC transport runs at once (measurement knob).
+    #[arg(long, hide = true, default_value_t = 64)]
+    pub quic_max_handshakes: usize,
 
     /// Established connections in total (0 = unlimited).
     #[arg(long, env = "PRIVSTACK_RELAY_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
@@ -379,6 +383,7 @@ pub struct Config {
     pub drain_grace: Duration,
     pub quic_transport: QuicTransport,
     pub quic_gso: bool,
+    pub quic_max_handshakes: usize,
 }
 
 /// Which QUIC implementation the relay listens and dials with.
@@ -606,6 +611,7 @@ impl TryFrom<&RunArgs> for Config {
             drain_grace: Duration::from_secs(a.drain_grace_secs),
             quic_transport: a.quic_transport,
             quic_gso: a.quic_gso,
+            quic_max_handshakes: a.quic_max_handshakes.max(1),
             metrics_address_required: a.metrics_address.0.map(|a| a.to_string()).as_deref()
                 != Some(defaults::METRICS_ADDRESS),
         })

@@ -180,6 +180,15 @@ pub const QUIC_MAX_STREAMS_PER_CONNECTION: u32 = 96;
 /// connection.
 pub const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(8);
 
+/// Receive buffer the relay asks for on its QUIC sockets (`--quic-transport own`).
+/// With the kernel's usual 208 KiB, 2,000 devices coming online 64 at a time overflowed
+/// it (1,200 datagrams dropped, BENCHMARKS.md), and each drop costs its handshake a
+/// 1 s retransmission timeout; with 4 MiB none were dropped and the slowest 1% of
+/// setups took 167 ms instead of 1.1 s. The kernel caps it at `net.core.rmem_max`
+/// (the .deb and the images raise that; the relay warns when it is capped). It is a
+/// bound, not an allocation: memory is used only while datagrams queue.
+pub const QUIC_SOCKET_RECV_BUFFER: usize = 4 << 20;
+
 /// QUIC handshakes in progress at once; bounds the CPU a handshake flood can take.
 pub const MAX_PENDING_INCOMING: u32 = 512;
 

@@ -47,6 +47,8 @@ pub struct Config {
     pub max_incoming: usize,
     /// Which AEAD to prefer.
     pub cipher_order: CipherOrder,
+    /// Receive buffer asked for on listening sockets (the kernel may give less).
+    pub socket_recv_buffer: usize,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ impl Config {
             max_handshakes: 64,
             max_incoming: 4096,
             cipher_order: CipherOrder::detect(),
+            socket_recv_buffer: 4 << 20,
         }
     }
 }

@@ -186,6 +186,28 @@ fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Asks for a receive buffer of `wanted` bytes, and says so when the kernel caps it
+/// (at `net.core.rmem_max`): a burst of connection attempts then loses datagrams.
+fn grow_recv_buffer(socket: &UdpSocket, local: SocketAddr, wanted: usize) {
+    let socket = socket2::SockRef::from(socket);
+    // Linux reports twice what it granted (its bookkeeping overhead included).
+    let granted = match socket.set_recv_buffer_size(wanted) {
+        Ok(()) => socket.recv_buffer_size().map(|b| b / 2).unwrap_or(0),
+        Err(_) => 0,
+    };
+    if granted < wanted {
+        tracing::warn!(
+            "UDP port {} ({local}): receive buffer is {} KiB, not the {} KiB asked for \
+             (raise net.core.rmem_max): bursts of connecting peers may lose packets",
+            local.port(),
+            granted >> 10,
+            wanted >> 10
+        );
+    } else {
+        tracing::debug!(%local, "UDP receive buffer {} KiB", granted >> 10);
+    }
+}
+
 impl libp2p::core::Transport for Transport {
     type Output = (PeerId, Connection);
     type Error = Error;
@@ -202,6 +224,7 @@ impl libp2p::core::Transport for Transport {
         let local = socket
             .local_addr()
             .map_err(|e| TransportError::Other(e.into()))?;
+        grow_recv_buffer(&socket, local, self.config.socket_recv_buffer);
         let endpoint = self.endpoint(socket, true)?;
         let listener = Listener::new(
             id,
@@ -297,8 +320,9 @@ struct Listener {
     local: SocketAddr,
     handshakes: Arc<Semaphore>,
     handshake_timeout: std::time::Duration,
-    /// The next connection attempt, taken from quinn's queue only once a handshake
-    /// slot is free: until then quinn holds it (and its retransmitted Initials).
+    /// The next connection attempt and, once one is free, a handshake slot for it:
+    /// until then it waits unanswered (quinn keeps its datagrams) and the attempts
+    /// after it wait in quinn's queue.
     accept: BoxFuture<'static, Accepted>,
     /// Interface addresses, for a listener on the unspecified address.
     if_watcher: Option<IfWatcher>,
@@ -377,8 +401,9 @@ impl Listener {
 
 fn next(endpoint: quinn::Endpoint, handshakes: Arc<Semaphore>) -> BoxFuture<'static, Accepted> {
     async move {
-        let permit = handshakes.acquire_owned().await.ok()?;
+        // In this order, a listener nobody connects to holds no slot.
         let incoming = endpoint.accept().await?;
+        let permit = handshakes.acquire_owned().await.ok()?;
         Some((incoming, permit))
     }
     .boxed()
