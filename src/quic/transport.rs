@@ -188,7 +188,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 /// Asks for a receive buffer of `wanted` bytes, and says so when the kernel caps it
 /// (at `net.core.rmem_max`): a burst of connection attempts then loses datagrams.
-fn grow_recv_buffer(socket: &UdpSocket, local: SocketAddr, wanted: usize) {
+/// Returns whether it got them.
+fn grow_recv_buffer(socket: &UdpSocket, local: SocketAddr, wanted: usize) -> bool {
     let socket = socket2::SockRef::from(socket);
     // Linux reports twice what it granted (its bookkeeping overhead included).
     let granted = match socket.set_recv_buffer_size(wanted) {
@@ -203,8 +204,10 @@ fn grow_recv_buffer(socket: &UdpSocket, local: SocketAddr, wanted: usize) {
             granted >> 10,
             wanted >> 10
         );
+        false
     } else {
         tracing::debug!(%local, "UDP receive buffer {} KiB", granted >> 10);
+        true
     }
 }
 
@@ -224,7 +227,7 @@ impl libp2p::core::Transport for Transport {
         let local = socket
             .local_addr()
             .map_err(|e| TransportError::Other(e.into()))?;
-        grow_recv_buffer(&socket, local, self.config.socket_recv_buffer);
+        let _ = grow_recv_buffer(&socket, local, self.config.socket_recv_buffer);
         let endpoint = self.endpoint(socket, true)?;
         let listener = Listener::new(
             id,
@@ -465,5 +468,40 @@ impl futures::Stream for Listener {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quic_multiaddrs_map_to_socket_addresses() {
+        let v4: Multiaddr = "/ip4/127.0.0.1/udp/4001/quic-v1".parse().unwrap();
+        assert_eq!(socket_addr(&v4), Some("127.0.0.1:4001".parse().unwrap()));
+        let peer = PeerId::random();
+        let v6: Multiaddr = format!("/ip6/::1/udp/9/quic-v1/p2p/{peer}")
+            .parse()
+            .unwrap();
+        assert_eq!(socket_addr(&v6), Some("[::1]:9".parse().unwrap()));
+        for other in [
+            "/ip4/127.0.0.1/udp/4001",
+            "/ip4/127.0.0.1/udp/4001/quic",
+            "/ip4/127.0.0.1/tcp/4001",
+            "/ip4/127.0.0.1/udp/4001/quic-v1/webtransport",
+            "/dns4/example.org/udp/4001/quic-v1",
+        ] {
+            assert_eq!(socket_addr(&other.parse().unwrap()), None, "{other}");
+        }
+        assert_eq!(multiaddr("127.0.0.1:4001".parse().unwrap()), v4);
+    }
+
+    #[test]
+    fn a_capped_receive_buffer_is_reported() {
+        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let local = socket.local_addr().unwrap();
+        assert!(grow_recv_buffer(&socket, local, 64 << 10));
+        // Past any net.core.rmem_max a machine sets.
+        assert!(!grow_recv_buffer(&socket, local, 1 << 30));
     }
 }
