@@ -232,7 +232,7 @@ pub struct RunArgs {
     pub quic_gso: bool,
 
     /// Handshakes the own QUIC transport runs at once (measurement knob).
-    #[arg(long, hide = true, default_value_t = 64)]
+    #[arg(long, hide = true, default_value_t = defaults::QUIC_MAX_HANDSHAKES)]
     pub quic_max_handshakes: usize,
 
     /// Established connections in total (0 = unlimited).

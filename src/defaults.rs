@@ -189,6 +189,12 @@ pub const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(8);
 /// bound, not an allocation: memory is used only while datagrams queue.
 pub const QUIC_SOCKET_RECV_BUFFER: usize = 4 << 20;
 
+/// Handshakes the relay's own QUIC transport runs at once (`--quic-transport own`);
+/// later connection attempts wait unanswered in quinn's queue until one finishes. At
+/// 512 simultaneous dials on a busy machine none timed out, against 41 with
+/// libp2p-quic, which runs them all at once (BENCHMARKS.md).
+pub const QUIC_MAX_HANDSHAKES: usize = 64;
+
 /// QUIC handshakes in progress at once; bounds the CPU a handshake flood can take.
 pub const MAX_PENDING_INCOMING: u32 = 512;
 

@@ -391,11 +391,8 @@ fn quic_transport(
         }
         QuicTransport::Own => {
             let c = quic::Config {
-                max_streams: defaults::QUIC_MAX_STREAMS_PER_CONNECTION,
-                keep_alive_interval: defaults::QUIC_KEEP_ALIVE_INTERVAL,
                 segmentation_offload: config.quic_gso,
                 max_handshakes: config.quic_max_handshakes,
-                socket_recv_buffer: defaults::QUIC_SOCKET_RECV_BUFFER,
                 ..quic::Config::new()
             };
             tracing::info!("QUIC cipher suites: {}", c.cipher_order.describe());

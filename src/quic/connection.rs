@@ -70,15 +70,10 @@ impl StreamMuxer for Connection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        let connection = &this.connection;
-        let incoming = this.incoming.get_or_insert_with(|| {
-            let connection = connection.clone();
+        poll_stream(&mut this.incoming, cx, || {
+            let connection = this.connection.clone();
             async move { connection.accept_bi().await }.boxed()
-        });
-        let pair = ready!(incoming.poll_unpin(cx));
-        this.incoming = None;
-        let (send, recv) = pair?;
-        Poll::Ready(Ok(Stream::new(send, recv)))
+        })
     }
 
     fn poll_outbound(
@@ -86,15 +81,10 @@ impl StreamMuxer for Connection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::Substream, Self::Error>> {
         let this = self.get_mut();
-        let connection = &this.connection;
-        let outgoing = this.outgoing.get_or_insert_with(|| {
-            let connection = connection.clone();
+        poll_stream(&mut this.outgoing, cx, || {
+            let connection = this.connection.clone();
             async move { connection.open_bi().await }.boxed()
-        });
-        let pair = ready!(outgoing.poll_unpin(cx));
-        this.outgoing = None;
-        let (send, recv) = pair?;
-        Poll::Ready(Ok(Stream::new(send, recv)))
+        })
     }
 
     fn poll(
@@ -119,6 +109,19 @@ impl StreamMuxer for Connection {
             e => Poll::Ready(Err(e.into())),
         }
     }
+}
+
+/// Polls the pending accept or open in `slot`, starting it with `start` if none is;
+/// the slot empties once it yields.
+fn poll_stream(
+    slot: &mut Option<BoxFuture<'static, StreamPair>>,
+    cx: &mut Context<'_>,
+    start: impl FnOnce() -> BoxFuture<'static, StreamPair>,
+) -> Poll<Result<Stream, Error>> {
+    let pair = ready!(slot.get_or_insert_with(start).poll_unpin(cx));
+    *slot = None;
+    let (send, recv) = pair?;
+    Poll::Ready(Ok(Stream::new(send, recv)))
 }
 
 /// One bidirectional QUIC stream.

@@ -17,6 +17,8 @@ mod transport;
 
 use std::{io, time::Duration};
 
+use crate::defaults;
+
 pub use connection::{Connection, Stream};
 pub use tls::CipherOrder;
 pub use transport::Transport;
@@ -56,16 +58,16 @@ impl Config {
         Self {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
-            keep_alive_interval: Duration::from_secs(5),
-            max_streams: 256,
+            keep_alive_interval: defaults::QUIC_KEEP_ALIVE_INTERVAL,
+            max_streams: defaults::QUIC_MAX_STREAMS_PER_CONNECTION,
             stream_receive_window: 10_000_000,
             receive_window: 15_000_000,
             mtu_upper_bound: None,
             segmentation_offload: true,
-            max_handshakes: 64,
+            max_handshakes: defaults::QUIC_MAX_HANDSHAKES,
             max_incoming: 4096,
             cipher_order: CipherOrder::detect(),
-            socket_recv_buffer: 4 << 20,
+            socket_recv_buffer: defaults::QUIC_SOCKET_RECV_BUFFER,
         }
     }
 }
