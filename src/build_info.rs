@@ -19,7 +19,7 @@ pub fn long_version() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
         format!(
-            "{LONG_VERSION}\nQUIC cipher order (--quic-transport own): {}",
+            "{LONG_VERSION}\nQUIC cipher order: {}",
             crate::quic::CipherOrder::detect().describe()
         )
     })

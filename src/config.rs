@@ -222,11 +222,6 @@ pub struct RunArgs {
     #[arg(long, env = "PRIVSTACK_RELAY_DRAIN_GRACE_SECS", default_value_t = defaults::DRAIN_GRACE_SECS)]
     pub drain_grace_secs: u64,
 
-    /// QUIC implementation: `own` (the relay's transport, src/quic/: cipher suite by
-    /// the CPU, bounded handshakes) or `libp2p-quic` (rust-libp2p's).
-    #[arg(long, env = "PRIVSTACK_RELAY_QUIC_TRANSPORT", value_enum, default_value_t = QuicTransport::Own)]
-    pub quic_transport: QuicTransport,
-
     /// Generic segmentation offload for the own QUIC transport (measurement knob).
     #[arg(long, hide = true, default_value_t = true, action = clap::ArgAction::Set)]
     pub quic_gso: bool,
@@ -381,19 +376,8 @@ pub struct Config {
     pub metrics_address_required: bool,
     /// How long SIGTERM waits for open circuits (zero: not at all).
     pub drain_grace: Duration,
-    pub quic_transport: QuicTransport,
     pub quic_gso: bool,
     pub quic_max_handshakes: usize,
-}
-
-/// Which QUIC implementation the relay listens and dials with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum QuicTransport {
-    /// The relay's own transport (src/quic/).
-    Own,
-    /// rust-libp2p's libp2p-quic.
-    #[value(name = "libp2p-quic")]
-    Libp2pQuic,
 }
 
 #[derive(Debug, Clone)]
@@ -609,7 +593,6 @@ impl TryFrom<&RunArgs> for Config {
             stats_log_interval: defaults::STATS_LOG_INTERVAL,
             metrics_address: a.metrics_address.0,
             drain_grace: Duration::from_secs(a.drain_grace_secs),
-            quic_transport: a.quic_transport,
             quic_gso: a.quic_gso,
             quic_max_handshakes: a.quic_max_handshakes.max(1),
             metrics_address_required: a.metrics_address.0.map(|a| a.to_string()).as_deref()
@@ -652,22 +635,6 @@ mod tests {
                 data_bytes: 0
             })
         );
-    }
-
-    #[test]
-    fn the_quic_transport_is_chosen_by_name() {
-        assert_eq!(
-            parse(&["--quic-transport", "own"]).unwrap().quic_transport,
-            QuicTransport::Own
-        );
-        assert_eq!(
-            parse(&["--quic-transport", "libp2p-quic"])
-                .unwrap()
-                .quic_transport,
-            QuicTransport::Libp2pQuic
-        );
-        let e = parse(&["--quic-transport", "tcp"]).unwrap_err();
-        assert!(e.contains("--quic-transport"), "{e}");
     }
 
     #[test]

@@ -180,7 +180,7 @@ pub const QUIC_MAX_STREAMS_PER_CONNECTION: u32 = 96;
 /// connection.
 pub const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(8);
 
-/// Receive buffer the relay asks for on its QUIC sockets (`--quic-transport own`).
+/// Receive buffer the relay asks for on its QUIC sockets.
 /// With the kernel's usual 208 KiB, 2,000 devices coming online 64 at a time overflowed
 /// it (1,200 datagrams dropped, BENCHMARKS.md), and each drop costs its handshake a
 /// 1 s retransmission timeout; with 4 MiB none were dropped and the slowest 1% of
@@ -189,8 +189,7 @@ pub const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(8);
 /// bound, not an allocation: memory is used only while datagrams queue.
 pub const QUIC_SOCKET_RECV_BUFFER: usize = 4 << 20;
 
-/// Handshakes the relay's own QUIC transport runs at once (`--quic-transport own`);
-/// later connection attempts wait unanswered in quinn's queue until one finishes. At
+/// Handshakes the relay's QUIC transport runs at once; later connection attempts wait unanswered in quinn's queue until one finishes. At
 /// 512 simultaneous dials on a busy machine none timed out, against 41 with
 /// libp2p-quic, which runs them all at once (BENCHMARKS.md).
 pub const QUIC_MAX_HANDSHAKES: usize = 64;

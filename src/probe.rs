@@ -13,7 +13,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, dial_opts::DialOpts};
 use libp2p::{Multiaddr, PeerId, SwarmBuilder, identify, noise, ping, relay, yamux};
 
-use crate::{addrs, client, defaults};
+use crate::{addrs, client, defaults, quic};
 
 pub const HOP_PROTOCOL: &str = "/libp2p/circuit/relay/0.2.0/hop";
 
@@ -103,7 +103,13 @@ pub async fn probe(
 
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_quic()
+        // The relay's own QUIC transport, as a client (the shipped binary carries no
+        // other; the tests cross it with libp2p-quic).
+        .with_other_transport(|key| {
+            quic::Transport::new(key, quic::Config::new())
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| ProbeError::Client(e.to_string()))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| ProbeError::Client(e.to_string()))?
         .with_behaviour(|key, relay_client| ProbeBehaviour {

@@ -5,7 +5,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use futures::future;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport};
@@ -18,7 +17,7 @@ use tokio::task::{self, JoinSet};
 use crate::admission::{Admission, HostCaps};
 use crate::behaviour::Behaviour;
 use crate::circuits::{self, Circuits, shaping::Rates};
-use crate::config::{Config, QuicTransport};
+use crate::config::Config;
 use crate::event_loop::{EventLoop, Fault};
 use crate::metrics::RelayMetrics;
 use crate::state::{Snapshot, Stats};
@@ -116,11 +115,7 @@ impl Server {
             .with_tokio()
             .with_other_transport(|_| {
                 // Every connection is wrapped so circuits are counted and shaped.
-                transport.map(move |output, _| {
-                    let (peer, connection) = match output {
-                        future::Either::Left((peer, c)) => (peer, future::Either::Left(c)),
-                        future::Either::Right((peer, c)) => (peer, future::Either::Right(c)),
-                    };
+                transport.map(move |(peer, connection), _| {
                     (peer, circuits::Muxer::new(connection, circuits.clone()))
                 })
             })
@@ -377,28 +372,15 @@ impl Server {
     }
 }
 
-/// The QUIC transport `--quic-transport` chose.
-fn quic_transport(
-    key: &Keypair,
-    config: &Config,
-) -> Result<either::Either<libp2p::quic::tokio::Transport, quic::Transport>, SpawnError> {
-    Ok(match config.quic_transport {
-        QuicTransport::Libp2pQuic => {
-            let mut c = libp2p::quic::Config::new(key);
-            c.max_concurrent_stream_limit = defaults::QUIC_MAX_STREAMS_PER_CONNECTION;
-            c.keep_alive_interval = defaults::QUIC_KEEP_ALIVE_INTERVAL;
-            either::Either::Left(libp2p::quic::tokio::Transport::new(c))
-        }
-        QuicTransport::Own => {
-            let c = quic::Config {
-                segmentation_offload: config.quic_gso,
-                max_handshakes: config.quic_max_handshakes,
-                ..quic::Config::new()
-            };
-            tracing::info!("QUIC cipher suites: {}", c.cipher_order.describe());
-            either::Either::Right(quic::Transport::new(key, c).map_err(SpawnError::Quic)?)
-        }
-    })
+/// The relay's QUIC transport (src/quic/).
+fn quic_transport(key: &Keypair, config: &Config) -> Result<quic::Transport, SpawnError> {
+    let c = quic::Config {
+        segmentation_offload: config.quic_gso,
+        max_handshakes: config.quic_max_handshakes,
+        ..quic::Config::new()
+    };
+    tracing::info!("QUIC cipher suites: {}", c.cipher_order.describe());
+    quic::Transport::new(key, c).map_err(SpawnError::Quic)
 }
 
 fn quic_multiaddr(addr: SocketAddr) -> Multiaddr {

@@ -11,7 +11,6 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, kad};
 use privstack_relay::client;
-use privstack_relay::config::QuicTransport;
 
 const V: &str = env!("CARGO_PKG_VERSION");
 
@@ -205,14 +204,7 @@ async fn http_rejects_oversized_and_malformed_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_group_discovery_through_records() {
-    // Through either QUIC transport (`--quic-transport`).
-    for transport in [QuicTransport::Own, QuicTransport::Libp2pQuic] {
-        sync_group_discovery(transport).await;
-    }
-}
-
-async fn sync_group_discovery(transport: QuicTransport) {
-    let server = spawn_relay(|a| a.quic_transport = transport).await;
+    let server = spawn_relay(|_| {}).await;
     let mut a = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 1))).await;
     let mut b = TestClient::new(Some(Ipv4Addr::new(127, 0, 0, 1))).await;
     a.bootstrap_via(server.loopback_multiaddr()).await;

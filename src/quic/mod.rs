@@ -11,6 +11,7 @@
 //!   before new ones start, so a burst of devices on a busy CPU is served in turn
 //!   rather than all timing out together.
 
+mod certificate;
 mod connection;
 mod tls;
 mod transport;

@@ -14,7 +14,7 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{
         CryptoProvider,
-        aws_lc_rs::{
+        ring::{
             self,
             cipher_suite::{
                 TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
@@ -28,6 +28,8 @@ use rustls::{
     },
     sign::CertifiedKey,
 };
+
+use super::certificate::{Certificate as PeerCertificate, HANDSHAKE_SCHEMES};
 
 /// The ALPN protocol of libp2p's TLS handshake.
 const ALPN: &[u8] = b"libp2p";
@@ -95,7 +97,7 @@ fn cpu_has_aes_and_clmul() -> bool {
 }
 
 fn provider(order: CipherOrder) -> Arc<CryptoProvider> {
-    let mut provider = aws_lc_rs::default_provider();
+    let mut provider = ring::default_provider();
     provider.cipher_suites = order.suites();
     Arc::new(provider)
 }
@@ -109,9 +111,9 @@ pub struct Certificate(Arc<CertifiedKey>);
 
 impl Certificate {
     pub fn generate(key: &Keypair) -> Result<Self, rustls::Error> {
-        let (cert, key) = libp2p_tls::certificate::generate(key)
-            .map_err(|e| rustls::Error::General(format!("generating the TLS certificate: {e}")))?;
-        let key = aws_lc_rs::default_provider()
+        let (cert, key) = super::certificate::generate(key)
+            .map_err(|e| rustls::Error::General(format!("the TLS certificate: {e}")))?;
+        let key = ring::default_provider()
             .key_provider
             .load_private_key(key)?;
         Ok(Self(Arc::new(CertifiedKey::new(vec![cert], key))))
@@ -175,14 +177,12 @@ pub fn client_config(
 /// The peer ID in a peer's (already verified) certificate chain.
 pub fn peer_id(chain: &[CertificateDer<'_>]) -> Option<libp2p::PeerId> {
     let [cert] = chain else { return None };
-    libp2p_tls::certificate::parse(cert)
-        .ok()
-        .map(|c| c.peer_id())
+    PeerCertificate::parse(cert).ok().map(|c| c.peer_id())
 }
 
 /// Verifies a libp2p certificate: exactly one, self-signed, within its validity, with
 /// the libp2p extension whose signature the identity key made (all checked by
-/// `libp2p_tls::certificate::parse`), and handshake signatures made by its key.
+/// [`PeerCertificate::parse`]), and handshake signatures made by its key.
 #[derive(Debug)]
 struct Verifier;
 
@@ -196,7 +196,7 @@ impl Verifier {
                 "a libp2p peer presents exactly one certificate".into(),
             ));
         }
-        libp2p_tls::certificate::parse(end_entity).map_err(bad_certificate)?;
+        PeerCertificate::parse(end_entity).map_err(bad_certificate)?;
         Ok(())
     }
 
@@ -205,30 +205,19 @@ impl Verifier {
         dss: &DigitallySignedStruct,
         message: &[u8],
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        libp2p_tls::certificate::parse(cert)
+        PeerCertificate::parse(cert)
             .map_err(bad_certificate)?
-            .verify_signature(dss.scheme, message, dss.signature())
+            .verify_handshake(dss.scheme, message, dss.signature())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
         Ok(HandshakeSignatureValid::assertion())
     }
 
     fn schemes() -> Vec<SignatureScheme> {
-        // What libp2p_tls::certificate can verify.
-        vec![
-            SignatureScheme::ECDSA_NISTP384_SHA384,
-            SignatureScheme::ECDSA_NISTP256_SHA256,
-            SignatureScheme::ED25519,
-            SignatureScheme::RSA_PSS_SHA512,
-            SignatureScheme::RSA_PSS_SHA384,
-            SignatureScheme::RSA_PSS_SHA256,
-            SignatureScheme::RSA_PKCS1_SHA512,
-            SignatureScheme::RSA_PKCS1_SHA384,
-            SignatureScheme::RSA_PKCS1_SHA256,
-        ]
+        HANDSHAKE_SCHEMES.to_vec()
     }
 }
 
-fn bad_certificate(e: libp2p_tls::certificate::ParseError) -> rustls::Error {
+fn bad_certificate(e: super::certificate::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
