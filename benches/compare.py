@@ -56,6 +56,8 @@ def prepare(args):
     if missing and not args.smoke:
         if os.geteuid() != 0:
             sys.exit(f"compare.py: missing {' '.join(missing)}: apt-get install {' '.join(missing)}")
+        # A fresh machine has no package lists yet.
+        run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
         run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
             stdout=subprocess.DEVNULL)
     paths = {}
