@@ -309,16 +309,31 @@ impl EventLoop {
         self.metrics.kad_routing_peers.set(peers as i64);
     }
 
+    /// Tables sized by the largest crowd so far give their room back once it has gone
+    /// (libp2p's and quinn's own tables cannot be reached; BENCHMARKS.md).
+    fn shrink_tables(&mut self) {
+        use crate::tables::shrink;
+        self.routing.shrink();
+        shrink(&mut self.reservations);
+        shrink(&mut self.circuits_opened);
+        let behaviour = self.swarm.behaviour_mut();
+        behaviour.limits.shrink();
+        behaviour.relay.shrink();
+        behaviour.kad.shrink();
+    }
+
     fn update_gauges(&mut self) {
         let now = Instant::now();
         self.admission.prune(now);
         let actions = self.routing.tick(now);
         self.apply(actions);
+        self.shrink_tables();
         self.update_routing_gauge();
         let store = self.swarm.behaviour_mut().kad.store_mut();
         // Expired entries go now rather than only when room is needed, so the gauges
         // show what is live.
         store.purge(now);
+        store.shrink();
         let (records, providers) = (store.record_count(), store.provider_count());
         let refusal = store.take_last_refusal();
         self.metrics.kad_records.set(records as i64);
@@ -502,8 +517,10 @@ impl EventLoop {
 
     fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
+            // Not recorded in libp2p's metrics: its identify recorder keeps a copy of
+            // every connected peer's identify info (1.4 KiB per connected device) for
+            // per-protocol gauges the relay does not need (BENCHMARKS.md).
             BehaviourEvent::Identify(event) => {
-                self.libp2p_metrics.record(&event);
                 if let identify::Event::Received {
                     peer_id,
                     connection_id,

@@ -31,6 +31,12 @@ pub struct Kademlia {
 }
 
 impl Kademlia {
+    /// Gives back the room departed connections left in its table
+    /// ([`crate::tables`]).
+    pub fn shrink(&mut self) {
+        crate::tables::shrink(&mut self.remote_ips);
+    }
+
     pub fn new(inner: Inner) -> Self {
         Self {
             inner,

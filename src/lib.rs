@@ -33,6 +33,7 @@ pub mod routing;
 pub mod server;
 pub mod settings;
 pub mod state;
+pub mod tables;
 
 pub use config::{Cli, Config};
 pub use server::{Server, SpawnError, Stopped};

@@ -66,6 +66,19 @@ pub struct Behaviour {
     per_network: HashMap<u128, usize>,
 }
 
+impl Behaviour {
+    /// Gives back the room departed connections left in its tables
+    /// ([`crate::tables`]).
+    pub fn shrink(&mut self) {
+        use crate::tables::shrink;
+        shrink(&mut self.pending_incoming);
+        shrink(&mut self.per_peer);
+        shrink(&mut self.inbound);
+        shrink(&mut self.per_host);
+        shrink(&mut self.per_network);
+    }
+}
+
 /// Add `delta` (+1 or -1) to `key`'s count, dropping counts that reach zero.
 fn count(map: &mut HashMap<u128, usize>, key: u128, add: bool) {
     if add {

@@ -126,6 +126,14 @@ pub struct RelayStore {
 }
 
 impl RelayStore {
+    /// Gives back the room expired records and departed publishers left in its
+    /// tables ([`crate::tables`]).
+    pub fn shrink(&mut self) {
+        crate::tables::shrink(&mut self.records);
+        crate::tables::shrink(&mut self.providers);
+        crate::tables::shrink(&mut self.usage);
+    }
+
     pub fn new(local: PeerId, limits: StoreLimits, metrics: StoreMetrics) -> Self {
         Self {
             local,

@@ -210,6 +210,11 @@ impl RoutingPolicy {
         }
     }
 
+    /// Gives back the room departed peers left in its table ([`crate::tables`]).
+    pub fn shrink(&mut self) {
+        crate::tables::shrink(&mut self.peers);
+    }
+
     /// Peers with at least one open connection.
     pub fn connected_peers(&self) -> usize {
         self.peers.len()

@@ -58,6 +58,13 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Gives back the room departed connections left in its tables
+    /// ([`crate::tables`]).
+    pub fn shrink(&mut self) {
+        crate::tables::shrink(&mut self.offers);
+        crate::tables::shrink(&mut self.parked);
+    }
+
     pub fn new(local: PeerId, inner: relay::Behaviour) -> Self {
         Self {
             inner,
