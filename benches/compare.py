@@ -2,7 +2,7 @@
 """privstack-relay against libp2p-server 0.13.0 (and the direct path), side by side.
 
 Usage:
-  benches/compare.py [--runs N] [--write]   the whole comparison (about 5 min per run)
+  benches/compare.py [--runs N] [--write]   the whole comparison (about 19 min per run)
   benches/compare.py --smoke                every scenario on a small scale, this relay only:
                                             fails if any scenario fails (CI runs this)
   benches/compare.py --from-results F [--write]   the table of a saved run
