@@ -107,9 +107,7 @@ impl<K: Hash + Eq + Copy> RateTable<K> {
             let missing = burst - *tokens;
             now.saturating_duration_since(*at) < interval * missing
         });
-        if self.buckets.capacity() > 64 && self.buckets.capacity() > 4 * self.buckets.len() {
-            self.buckets.shrink_to_fit();
-        }
+        crate::tables::shrink(&mut self.buckets);
     }
 
     pub fn len(&self) -> usize {
@@ -340,11 +338,9 @@ impl HostReservations {
         for peer in stale {
             h.release(&peer);
         }
-        if h.peers.is_empty() {
-            h.peers.shrink_to_fit();
-            h.hosts.shrink_to_fit();
-            h.networks.shrink_to_fit();
-        }
+        crate::tables::shrink(&mut h.peers);
+        crate::tables::shrink(&mut h.hosts);
+        crate::tables::shrink(&mut h.networks);
     }
 
     /// Peers counted, hosts and networks they are on.

@@ -320,6 +320,7 @@ impl EventLoop {
         behaviour.limits.shrink();
         behaviour.relay.shrink();
         behaviour.kad.shrink();
+        behaviour.kad.store_mut().shrink();
     }
 
     fn update_gauges(&mut self) {
@@ -327,13 +328,11 @@ impl EventLoop {
         self.admission.prune(now);
         let actions = self.routing.tick(now);
         self.apply(actions);
-        self.shrink_tables();
         self.update_routing_gauge();
         let store = self.swarm.behaviour_mut().kad.store_mut();
         // Expired entries go now rather than only when room is needed, so the gauges
         // show what is live.
         store.purge(now);
-        store.shrink();
         let (records, providers) = (store.record_count(), store.provider_count());
         let refusal = store.take_last_refusal();
         self.metrics.kad_records.set(records as i64);
@@ -357,6 +356,8 @@ impl EventLoop {
                 }
             }
         }
+        // After the purge, so the store's room follows what is live.
+        self.shrink_tables();
     }
 
     /// Apply the routing policy's decisions to Kademlia.

@@ -4,7 +4,8 @@
 //! come and gone, the relay's per-connection and per-peer tables still held 1.5 MiB
 //! of empty buckets, each one large allocation that the allocator cannot return
 //! while the table lives (BENCHMARKS.md, "Memory after the devices leave"). The event
-//! loop calls [`shrink`] on its tables every few seconds; a table a quarter full or
+//! loop calls [`shrink`] on its tables every 10 s (the admission limiters on theirs
+//! when they prune); a table a quarter full or
 //! less is cut to twice its length, so a table that swings with normal traffic is not
 //! reallocated over and over.
 
@@ -62,8 +63,7 @@ mod tests {
         assert!(shrink(&mut t));
         assert!(t.capacity() < 64, "capacity {}", t.capacity());
         assert_eq!(t.len(), 10);
-        // Emptied completely, it holds no allocation at all.
-        t.clear();
+        // Emptied completely, a table holds no allocation at all.
         let mut big: HashSet<u64> = (0..1000).collect();
         big.clear();
         assert!(shrink(&mut big));
