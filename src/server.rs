@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{Multiaddr, PeerId, Swarm, SwarmBuilder, Transport};
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
@@ -111,22 +112,9 @@ impl Server {
             metrics.circuit_bytes.clone(),
         );
         let transport = quic_transport(&key, &config)?;
-        let swarm = SwarmBuilder::with_existing_identity(key.clone())
-            .with_tokio()
-            .with_other_transport(|_| {
-                // Every connection is wrapped so circuits are counted and shaped.
-                transport.map(move |(peer, connection), _| {
-                    (peer, circuits::Muxer::new(connection, circuits.clone()))
-                })
-            })
-            .unwrap_or_else(|never| match never {})
-            .with_bandwidth_metrics(&mut registry)
-            .with_behaviour(|key| Behaviour::new(key, &config, metrics.store.clone(), &admission))
-            .unwrap_or_else(|never| match never {})
-            .with_swarm_config(|c| {
-                c.with_idle_connection_timeout(defaults::IDLE_CONNECTION_TIMEOUT)
-            })
-            .build();
+        let swarm = build_swarm(&key, transport, circuits, &mut registry, |key| {
+            Behaviour::new(key, &config, metrics.store.clone(), &admission)
+        });
         let peer_id = *swarm.local_peer_id();
 
         let (snapshot_tx, snapshot) = watch::channel(Snapshot {
@@ -372,6 +360,30 @@ impl Server {
     }
 }
 
+/// The swarm over the relay's QUIC transport, every connection wrapped so its
+/// circuits are counted and shaped.
+fn build_swarm<B: NetworkBehaviour>(
+    key: &Keypair,
+    transport: quic::Transport,
+    circuits: Arc<Circuits>,
+    registry: &mut Registry,
+    behaviour: impl FnOnce(&Keypair) -> B,
+) -> Swarm<B> {
+    SwarmBuilder::with_existing_identity(key.clone())
+        .with_tokio()
+        .with_other_transport(|_| {
+            transport.map(move |(peer, connection), _| {
+                (peer, circuits::Muxer::new(connection, circuits.clone()))
+            })
+        })
+        .unwrap_or_else(|never| match never {})
+        .with_bandwidth_metrics(registry)
+        .with_behaviour(behaviour)
+        .unwrap_or_else(|never| match never {})
+        .with_swarm_config(|c| c.with_idle_connection_timeout(defaults::IDLE_CONNECTION_TIMEOUT))
+        .build()
+}
+
 /// The relay's QUIC transport (src/quic/).
 fn quic_transport(key: &Keypair, config: &Config) -> Result<quic::Transport, SpawnError> {
     let c = quic::Config {
@@ -401,23 +413,59 @@ async fn listen_quic(event_loop: &mut EventLoop, addr: SocketAddr) -> Result<u16
         port: addr.port(),
         source,
     };
-    // libp2p wraps the OS error; binding once ourselves first yields a precise one.
-    bind_retrying(|| check_bind(addr, Type::DGRAM))
-        .await
-        .map_err(err)?;
-    let bound = event_loop
-        .listen(quic_multiaddr(addr))
-        .await
-        .map_err(|e| err(io::Error::other(error_chain(&e))))?;
-    Ok(bound
-        .iter()
-        .find_map(|a| {
-            a.iter().find_map(|p| match p {
-                Protocol::Udp(port) => Some(port),
-                _ => None,
+    let deadline = tokio::time::Instant::now() + defaults::BIND_IN_USE_GRACE;
+    loop {
+        // libp2p wraps the OS error; binding once ourselves first yields a precise one.
+        bind_retrying(|| check_bind(addr, Type::DGRAM))
+            .await
+            .map_err(err)?;
+        // The listen binds again, and the probe's port can still be held then: a
+        // process that forks meanwhile (a child holds every descriptor until it execs)
+        // keeps the probe's socket open for a moment. That bind gets the same grace.
+        let bound = match event_loop.listen(quic_multiaddr(addr)).await {
+            Ok(bound) => bound,
+            Err(libp2p::TransportError::Other(e))
+                if in_use(&e) && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!("{e}; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => return Err(err(io::Error::other(error_chain(&e)))),
+        };
+        return Ok(bound
+            .iter()
+            .find_map(|a| {
+                a.iter().find_map(|p| match p {
+                    Protocol::Udp(port) => Some(port),
+                    _ => None,
+                })
             })
-        })
-        .unwrap_or(addr.port()))
+            .unwrap_or(addr.port()));
+    }
+}
+
+/// Whether `e` is, or wraps, an "address in use" error. libp2p boxes the transport's
+/// error into an `io::Error` of kind `Other` and, on the way, into an `Either` whose
+/// `source()` skips its inner error, so past the kinds the OS's own text is looked for.
+fn in_use(e: &io::Error) -> bool {
+    let os_text = io::Error::from_raw_os_error(libc::EADDRINUSE).to_string();
+    if e.kind() == io::ErrorKind::AddrInUse {
+        return true;
+    }
+    let mut cur = e
+        .get_ref()
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    while let Some(inner) = cur {
+        if let Some(io) = inner.downcast_ref::<io::Error>() {
+            return in_use(io);
+        }
+        if inner.to_string() == os_text {
+            return true;
+        }
+        cur = inner.source();
+    }
+    false
 }
 
 fn new_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
@@ -517,4 +565,39 @@ fn ipv6_missing(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listen on a port in use fails with an error `in_use` recognises, through
+    /// every wrapper libp2p's swarm puts around the transport's: the listen that
+    /// follows the probe is retried on exactly that.
+    #[tokio::test]
+    async fn a_listen_on_a_port_in_use_is_recognised_as_such() {
+        let key = Keypair::generate_ed25519();
+        let config = Config::try_from(&crate::config::RunArgs::default()).unwrap();
+        let mut registry = Registry::default();
+        let metrics = RelayMetrics::register(&mut registry);
+        let circuits = Arc::new(Circuits {
+            bytes: metrics.circuit_bytes.clone(),
+            rates: Rates::new(0, 0),
+            wire_limit: None,
+        });
+        let transport = quic_transport(&key, &config).unwrap();
+        let mut swarm = build_swarm(&key, transport, circuits, &mut registry, |_| {
+            libp2p::swarm::dummy::Behaviour
+        });
+        let held = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let addr = held.local_addr().unwrap();
+        match swarm.listen_on(quic_multiaddr(addr)) {
+            Err(libp2p::TransportError::Other(e)) => assert!(in_use(&e), "{e:?}"),
+            other => panic!("a listen on a held port: {other:?}"),
+        }
+        // Another failure is not taken for one.
+        let other = io::Error::other(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(!in_use(&other));
+        assert!(in_use(&io::Error::from(io::ErrorKind::AddrInUse)));
+    }
 }
