@@ -19,7 +19,8 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, RandomState};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -84,31 +85,49 @@ impl Refusal {
     }
 }
 
-/// What a quota is counted against.
+/// What a quota is counted against. A peer's account is a 64-bit hash of its ID,
+/// keyed at random per store (so no one can aim a collision), not the 80-byte ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Account {
-    Peer(PeerId),
+    Peer(u64),
     Host(u128),
     Network(u128),
 }
 
-/// The accounts an entry stored by `source` is charged to.
-fn accounts(source: &Source) -> Vec<Account> {
-    let mut out = vec![Account::Peer(source.peer)];
-    if let Some(ip) = source.ip
-        && Origin::of_ip(ip) != Origin::Loopback
-    {
-        out.push(Account::Host(addrs::host_prefix(ip)));
-        out.push(Account::Network(addrs::network_prefix(ip)));
-    }
-    out
+/// Who an entry is charged to: its source's peer (hashed) and IP, from which the
+/// host and network accounts follow. Kept with every entry, so it is small and
+/// needs no allocation of its own (a list of accounts cost ~100-250 B per entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Charge {
+    peer: u64,
+    ip: Option<IpAddr>,
 }
 
-/// A stored entry and the accounts it is charged to.
+impl Charge {
+    fn accounts(self) -> impl Iterator<Item = Account> {
+        let networks = self
+            .ip
+            .filter(|ip| Origin::of_ip(*ip) != Origin::Loopback)
+            .map(|ip| {
+                [
+                    Account::Host(addrs::host_prefix(ip)),
+                    Account::Network(addrs::network_prefix(ip)),
+                ]
+            });
+        std::iter::once(Account::Peer(self.peer)).chain(networks.into_iter().flatten())
+    }
+}
+
+/// The accounts of `charge` (none for the relay's own entries).
+fn accounts(charge: Option<Charge>) -> impl Iterator<Item = Account> {
+    charge.into_iter().flat_map(Charge::accounts)
+}
+
+/// A stored entry and whom it is charged to (`None`: the relay itself).
 #[derive(Debug)]
 pub struct Stored<T> {
     entry: T,
-    charged: Vec<Account>,
+    charged: Option<Charge>,
 }
 
 #[derive(Debug)]
@@ -119,6 +138,8 @@ pub struct RelayStore {
     providers: HashMap<RecordKey, Vec<Stored<ProviderRecord>>>,
     provider_count: usize,
     usage: HashMap<Account, usize>,
+    /// The key of the peer accounts' hash.
+    peer_hash: RandomState,
     source: Option<Source>,
     metrics: StoreMetrics,
     /// The last refusal, for the event loop's rate-limited warning.
@@ -142,6 +163,7 @@ impl RelayStore {
             providers: HashMap::new(),
             provider_count: 0,
             usage: HashMap::new(),
+            peer_hash: RandomState::new(),
             source: None,
             metrics,
             last_refusal: None,
@@ -172,7 +194,8 @@ impl RelayStore {
 
     /// Entries currently charged to the peer.
     pub fn held_by(&self, peer: &PeerId) -> usize {
-        self.usage.get(&Account::Peer(*peer)).copied().unwrap_or(0)
+        let account = Account::Peer(self.peer_hash.hash_one(peer));
+        self.usage.get(&account).copied().unwrap_or(0)
     }
 
     /// Remove every expired record and provider record; returns how many went.
@@ -181,7 +204,7 @@ impl RelayStore {
         self.records.retain(|_, s| {
             let keep = !s.entry.is_expired(now);
             if !keep {
-                gone.push(std::mem::take(&mut s.charged));
+                gone.push(s.charged);
             }
             keep
         });
@@ -190,7 +213,7 @@ impl RelayStore {
             list.retain_mut(|s| {
                 let keep = !s.entry.is_expired(now);
                 if !keep {
-                    gone.push(std::mem::take(&mut s.charged));
+                    gone.push(s.charged);
                     providers_gone += 1;
                 }
                 keep
@@ -200,7 +223,7 @@ impl RelayStore {
         self.provider_count -= providers_gone;
         let n = gone.len();
         for charged in gone {
-            self.release(&charged);
+            self.release(charged);
         }
         self.metrics.purged.inc_by(n as u64);
         n
@@ -223,27 +246,27 @@ impl RelayStore {
         Ok(())
     }
 
-    /// Whether `accounts` may be charged one more entry.
-    fn within_quota(&self, accounts: &[Account]) -> bool {
-        accounts.iter().all(|a| {
+    /// Whether `charge`'s accounts may be charged one more entry.
+    fn within_quota(&self, charge: Option<Charge>) -> bool {
+        accounts(charge).all(|a| {
             let limit = match a {
                 Account::Peer(_) => self.limits.per_peer,
                 Account::Host(_) => self.limits.per_host,
                 Account::Network(_) => self.limits.per_network,
             };
-            limit == 0 || self.usage.get(a).copied().unwrap_or(0) < limit
+            limit == 0 || self.usage.get(&a).copied().unwrap_or(0) < limit
         })
     }
 
-    fn charge(&mut self, accounts: &[Account]) {
-        for a in accounts {
-            *self.usage.entry(*a).or_default() += 1;
+    fn charge(&mut self, charge: Option<Charge>) {
+        for a in accounts(charge) {
+            *self.usage.entry(a).or_default() += 1;
         }
     }
 
-    fn release(&mut self, accounts: &[Account]) {
-        for a in accounts {
-            if let Entry::Occupied(mut e) = self.usage.entry(*a) {
+    fn release(&mut self, charge: Option<Charge>) {
+        for a in accounts(charge) {
+            if let Entry::Occupied(mut e) = self.usage.entry(a) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
                     e.remove();
@@ -252,8 +275,12 @@ impl RelayStore {
         }
     }
 
-    fn current_accounts(&self) -> Vec<Account> {
-        self.source.as_ref().map(accounts).unwrap_or_default()
+    /// The charge for the next put: its source (`None`: the relay itself).
+    fn current_charge(&self) -> Option<Charge> {
+        self.source.map(|s| Charge {
+            peer: self.peer_hash.hash_one(s.peer),
+            ip: s.ip,
+        })
     }
 
     fn put_checked(&mut self, mut r: Record) -> std::result::Result<(), Refusal> {
@@ -263,19 +290,22 @@ impl RelayStore {
         }
         let now = Instant::now();
         r.expires = Some(now + self.limits.ttl);
-        let charge = self.current_accounts();
+        let charge = self.current_charge();
         if let Some(old) = self.records.get_mut(&r.key) {
-            if old.charged == charge {
+            if accounts(old.charged).eq(accounts(charge)) {
                 // The same source refreshing its record: nothing changes hands.
                 old.entry = r;
                 return Ok(());
             }
-            // Another device of the group writes the key: the entry becomes its.
-            if !self.within_quota(&charge) {
+            // The entry changes hands (another device of the group writes the key, or
+            // the same device from another network): judged with the old charge gone.
+            let previous = old.charged;
+            self.release(previous);
+            if !self.within_quota(charge) {
+                self.charge(previous);
                 return Err(Refusal::Quota);
             }
-            let old = self.records.remove(&r.key).expect("present");
-            self.release(&old.charged);
+            self.records.remove(&r.key);
         } else {
             if self.records.len() >= self.limits.max_records {
                 self.purge(now);
@@ -283,11 +313,11 @@ impl RelayStore {
             if self.records.len() >= self.limits.max_records {
                 return Err(Refusal::Full);
             }
-            if !self.within_quota(&charge) {
+            if !self.within_quota(charge) {
                 return Err(Refusal::Quota);
             }
         }
-        self.charge(&charge);
+        self.charge(charge);
         self.records.insert(
             r.key.clone(),
             Stored {
@@ -310,7 +340,7 @@ impl RelayStore {
             .map(Origin::of_ip)
             .unwrap_or(Origin::Loopback);
         p.addresses = routing::select(&p.provider, &p.addresses, origin);
-        let charge = self.current_accounts();
+        let charge = self.current_charge();
         if let Some(list) = self.providers.get_mut(&p.key)
             && let Some(s) = list.iter_mut().find(|s| s.entry.provider == p.provider)
         {
@@ -332,10 +362,10 @@ impl RelayStore {
         if self.provider_count >= self.limits.max_providers {
             return Err(Refusal::Full);
         }
-        if !self.within_quota(&charge) {
+        if !self.within_quota(charge) {
             return Err(Refusal::Quota);
         }
-        self.charge(&charge);
+        self.charge(charge);
         self.provider_count += 1;
         self.providers
             .entry(p.key.clone())
@@ -365,7 +395,7 @@ impl RecordStore for RelayStore {
 
     fn remove(&mut self, k: &RecordKey) {
         if let Some(old) = self.records.remove(k) {
-            self.release(&old.charged);
+            self.release(old.charged);
         }
     }
 
@@ -411,7 +441,7 @@ impl RecordStore for RelayStore {
             self.providers.remove(k);
         }
         self.provider_count -= 1;
-        self.release(&old.charged);
+        self.release(old.charged);
     }
 }
 
@@ -479,6 +509,51 @@ mod tests {
         put(&mut s, src("11.0.1.1"), r).unwrap();
         let stored = s.get(&RecordKey::new(&"k")).unwrap();
         assert!(stored.expires.unwrap() > Instant::now() + Duration::from_secs(3500));
+    }
+
+    #[test]
+    fn a_device_refreshing_its_record_from_a_new_address_keeps_its_quota() {
+        let mut s = RelayStore::new(PeerId::random(), limits(), StoreMetrics::default());
+        let a = src("2a01:4f8:1:2::1");
+        for i in 0..5 {
+            assert_eq!(put(&mut s, a, rec(&format!("a{i}"), 1)), Ok(()));
+        }
+        // The device's privacy address changed within its /64: at its quota, it still
+        // refreshes its own record, which stays charged once.
+        let moved = Source {
+            ip: Some("2a01:4f8:1:2::99".parse().unwrap()),
+            ..a
+        };
+        assert_eq!(put(&mut s, moved, rec("a0", 2)), Ok(()));
+        assert_eq!(s.held_by(&a.peer), 5);
+        assert_eq!(s.usage.len(), 3, "one peer, one host, one network account");
+        // From another network the record moves to that host and network, and the
+        // peer, at its quota, still holds 5.
+        let away = Source {
+            ip: Some("11.0.1.1".parse().unwrap()),
+            ..a
+        };
+        assert_eq!(put(&mut s, away, rec("a1", 2)), Ok(()));
+        assert_eq!(s.held_by(&a.peer), 5);
+        assert_eq!(s.usage.len(), 5, "the peer, two hosts, two networks");
+        // A new key is still refused at the peer's quota, and nothing changes.
+        assert_eq!(put(&mut s, away, rec("a5", 2)), Err(Refusal::Quota));
+        assert_eq!(s.held_by(&a.peer), 5);
+        // Another peer at its own quota cannot take one of them over; the owner keeps it.
+        let b = src("11.0.9.1");
+        for i in 0..5 {
+            assert_eq!(put(&mut s, b, rec(&format!("b{i}"), 1)), Ok(()));
+        }
+        assert_eq!(put(&mut s, b, rec("a2", 1)), Err(Refusal::Quota));
+        assert_eq!(s.held_by(&a.peer), 5);
+        assert_eq!(s.get(&RecordKey::new(&"a2")).unwrap().value, vec![b'x']);
+        for i in 0..5 {
+            s.remove(&RecordKey::new(&format!("b{i}")));
+        }
+        for i in 0..5 {
+            s.remove(&RecordKey::new(&format!("a{i}")));
+        }
+        assert!(s.usage.is_empty(), "every account released");
     }
 
     #[test]
