@@ -413,46 +413,49 @@ async fn listen_quic(event_loop: &mut EventLoop, addr: SocketAddr) -> Result<u16
         port: addr.port(),
         source,
     };
-    let deadline = tokio::time::Instant::now() + defaults::BIND_IN_USE_GRACE;
-    loop {
+    let grace = InUseGrace::new();
+    let bound = loop {
         // libp2p wraps the OS error; binding once ourselves first yields a precise one.
-        bind_retrying(|| check_bind(addr, Type::DGRAM))
-            .await
-            .map_err(err)?;
         // The listen binds again, and the probe's port can still be held then: a
         // process that forks meanwhile (a child holds every descriptor until it execs)
-        // keeps the probe's socket open for a moment. That bind gets the same grace.
-        let bound = match event_loop.listen(quic_multiaddr(addr)).await {
-            Ok(bound) => bound,
-            Err(libp2p::TransportError::Other(e))
-                if in_use(&e) && tokio::time::Instant::now() < deadline =>
-            {
-                tracing::debug!("{e}; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-            Err(e) => return Err(err(io::Error::other(error_chain(&e)))),
+        // keeps the probe's socket open for a moment. Both get the same grace.
+        let attempt = match check_bind(addr, Type::DGRAM) {
+            Ok(()) => event_loop
+                .listen(quic_multiaddr(addr))
+                .await
+                .map_err(|e| match e {
+                    libp2p::TransportError::Other(e) if in_use(&e) => {
+                        io::Error::new(io::ErrorKind::AddrInUse, error_chain(&e))
+                    }
+                    e => io::Error::other(error_chain(&e)),
+                }),
+            Err(e) => Err(e),
         };
-        return Ok(bound
-            .iter()
-            .find_map(|a| {
-                a.iter().find_map(|p| match p {
-                    Protocol::Udp(port) => Some(port),
-                    _ => None,
-                })
+        match attempt {
+            Ok(bound) => break bound,
+            Err(e) if grace.allows_another_try(&e).await => {}
+            Err(e) => return Err(err(e)),
+        }
+    };
+    Ok(bound
+        .iter()
+        .find_map(|a| {
+            a.iter().find_map(|p| match p {
+                Protocol::Udp(port) => Some(port),
+                _ => None,
             })
-            .unwrap_or(addr.port()));
-    }
+        })
+        .unwrap_or(addr.port()))
 }
 
 /// Whether `e` is, or wraps, an "address in use" error. libp2p boxes the transport's
 /// error into an `io::Error` of kind `Other` and, on the way, into an `Either` whose
 /// `source()` skips its inner error, so past the kinds the OS's own text is looked for.
 fn in_use(e: &io::Error) -> bool {
-    let os_text = io::Error::from_raw_os_error(libc::EADDRINUSE).to_string();
     if e.kind() == io::ErrorKind::AddrInUse {
         return true;
     }
+    let os_text = io::Error::from_raw_os_error(libc::EADDRINUSE).to_string();
     let mut cur = e
         .get_ref()
         .map(|inner| inner as &(dyn std::error::Error + 'static));
@@ -500,24 +503,42 @@ async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, SpawnError> {
         })
 }
 
-/// Bind, giving a port that is in use [`defaults::BIND_IN_USE_GRACE`] to come free:
-/// the kernel closes a dead process's sockets only while it tears the process down, so
-/// a relay started right after the previous one was killed can find its ports still
-/// taken for a moment (measured: 1 start in 200 right after SIGKILL). A port that
-/// stays in use is reported as before, only later.
+/// Bind, giving a port that is in use [`defaults::BIND_IN_USE_GRACE`] to come free
+/// ([`InUseGrace`]). A port that stays in use is reported as before, only later.
 async fn bind_retrying<T>(mut bind: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let deadline = tokio::time::Instant::now() + defaults::BIND_IN_USE_GRACE;
+    let grace = InUseGrace::new();
     loop {
         match bind() {
-            Err(e)
-                if e.kind() == io::ErrorKind::AddrInUse
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tracing::debug!("{e}; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) if grace.allows_another_try(&e).await => {}
             other => return other,
         }
+    }
+}
+
+/// The time a port in use gets to come free: the kernel closes a dead process's
+/// sockets only while it tears the process down, so a relay started right after the
+/// previous one was killed can find its ports still taken for a moment (measured: 1
+/// start in 200 right after SIGKILL).
+struct InUseGrace {
+    deadline: tokio::time::Instant,
+}
+
+impl InUseGrace {
+    fn new() -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + defaults::BIND_IN_USE_GRACE,
+        }
+    }
+
+    /// Whether a bind that failed with `e` may be tried again (after a pause): only a
+    /// port in use, and only within the grace.
+    async fn allows_another_try(&self, e: &io::Error) -> bool {
+        if e.kind() != io::ErrorKind::AddrInUse || tokio::time::Instant::now() >= self.deadline {
+            return false;
+        }
+        tracing::debug!("{e}; trying again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        true
     }
 }
 
